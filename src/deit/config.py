@@ -1,0 +1,189 @@
+"""Configuration: frozen dataclasses whose leaf names are deit3-jax's flags in snake_case.
+
+The sections group related flags; on the command line the section prefix is dropped, so
+`--learning-rate 1e-3` works as it did in deit3-jax. A recipe is a flat `{flag: value}` dict
+(see `recipes/`), mapped onto the sections by `from_flat`.
+"""
+
+import dataclasses
+import json
+from typing import Annotated, Any, Literal
+
+import tyro
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Field names are deit3-jax's flags; extra fields default to its behaviour."""
+
+    layers: int = 12
+    dim: int = 768
+    heads: int = 12
+    labels: int = 1000
+    """Classes of the head; 0 builds no head and the model returns the normalised tokens."""
+    layerscale: bool = False
+    layerscale_init: float = 1e-4
+    """Initial LayerScale value (deit3-jax 1e-4; timm's deit3_* use 1e-6)."""
+    patch_size: int = 16
+    image_size: int = 224
+    posemb: Literal["learnable", "sincos2d"] = "learnable"
+    pooling: Literal["cls", "gap"] = "cls"
+    dropout: float = 0.0
+    droppath: float = 0.0
+    grad_ckpt: bool = False
+    gelu: Literal["exact", "tanh"] = "exact"
+    """'exact' (erf) as timm; deit3-jax's flax models use 'tanh'."""
+    distilled: bool = False
+    """DeiT v1 distillation token and second head (token order: cls, dist, patches)."""
+
+    def __post_init__(self):
+        checks = [
+            (self.layers >= 1, f"layers={self.layers}: must be >= 1"),
+            (self.dim >= 1 and self.heads >= 1 and self.dim % self.heads == 0,
+             f"dim={self.dim} is not divisible by heads={self.heads}"),
+            (self.labels >= 0, f"labels={self.labels}: must be >= 0"),
+            (self.patch_size >= 1 and self.image_size % self.patch_size == 0,
+             f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"),
+            (self.posemb in ("learnable", "sincos2d"), f"posemb={self.posemb!r}: allowed 'learnable', 'sincos2d'"),
+            (self.pooling in ("cls", "gap"), f"pooling={self.pooling!r}: allowed 'cls', 'gap'"),
+            (self.gelu in ("exact", "tanh"), f"gelu={self.gelu!r}: allowed 'exact', 'tanh'"),
+            (0.0 <= self.dropout < 1.0, f"dropout={self.dropout}: must be in [0, 1)"),
+            (0.0 <= self.droppath < 1.0, f"droppath={self.droppath}: must be in [0, 1)"),
+            (not (self.distilled and self.pooling != "cls"), "distilled=True needs pooling='cls'"),
+            (not (self.posemb == "sincos2d" and self.dim % 4), f"posemb='sincos2d' needs dim divisible by 4, got dim={self.dim}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return (self.pooling == "cls") + self.distilled
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_dataset_shards: str = "digits:train"
+    """webdataset shard spec: brace-expanded paths, `pipe:CMD`, gs:// or https:// URLs, or
+    `digits:train` / `digits:valid` for the embedded digits dataset (prepared on first use)."""
+    valid_dataset_shards: str = "digits:valid"
+    train_batch_size: int = 64
+    """Global batch size (all devices and hosts together)."""
+    valid_batch_size: int = 256
+    train_loader_workers: int = 0
+    """Host decode workers; 0 decodes in the main process."""
+    valid_loader_workers: int = 0
+    shuffle_seed: int = 1
+    shuffle_buffer: int = 5000
+    label_mapping: str | None = None
+    """JSON file {"src": [...], "dst": [...]} mapping pretrained head rows to new labels."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    random_crop: Literal["none", "rrc", "src"] = "rrc"
+    """'rrc' RandomResizedCrop, 'src' DeiT-III Simple Random Crop, 'none' resize only."""
+    color_jitter: float = 0.0
+    auto_augment: str | None = None
+    """timm policy string, e.g. 'rand-m9-mstd0.5-inc1', or '3a' (DeiT-III 3-Augment)."""
+    random_erasing: float = 0.0
+    augment_repeats: int = 1
+    test_crop_ratio: float = 0.875
+    hflip: float = 0.5
+    """Probability of a horizontal flip (timm's default 0.5)."""
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_seed: int = 1
+    criterion: Literal["ce", "bce"] = "ce"
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_decay: float = 1.0
+    clip_grad: float = 0.0
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    training_steps: int = 1000
+
+
+Flat = tyro.conf.OmitArgPrefixes
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: Annotated[ModelConfig, Flat] = ModelConfig()
+    data: Annotated[DataConfig, Flat] = DataConfig()
+    augment: Annotated[AugmentConfig, Flat] = AugmentConfig()
+    optim: Annotated[OptimConfig, Flat] = OptimConfig()
+    init_seed: int = 1
+    dropout_seed: int = 1
+    log_interval: int = 50
+    eval_interval: int = 500
+    """Steps between evaluations (and `best`/`last` checkpoints)."""
+    pretrained_ckpt: str | None = None
+    output_dir: str = "outputs/run"
+    aim_repo: str | None = None
+    """Aim repository folder; default `<output-dir>/..` so runs of one folder are compared."""
+    progress: bool = True
+    """Show progress bars."""
+    dry_run: bool = False
+    """Print the resolved config, parameter count and forward FLOPs as JSON, then exit."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
+
+
+def from_flat(flat: dict[str, Any], base: Config = Config()) -> Config:
+    """Build a Config from deit3-jax style `{flag: value}` pairs (flag names in snake_case)."""
+    owner = {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    top = {f.name for f in dataclasses.fields(Config)} - set(SECTIONS)
+    updates: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
+    top_updates: dict[str, Any] = {}
+    for k, v in flat.items():
+        k = k.replace("-", "_")
+        if k in owner:
+            updates[owner[k]][k] = v
+        elif k in top:
+            top_updates[k] = v
+        else:
+            raise ValueError(f"unknown config key {k!r}; allowed: {sorted(set(owner) | top)}")
+    sections = {sec: dataclasses.replace(getattr(base, sec), **u) for sec, u in updates.items()}
+    return dataclasses.replace(base, **sections, **top_updates)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of `Config.to_dict` (the resolved config written beside a run)."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if k in SECTIONS:
+            flat.update(v)
+        else:
+            flat[k] = v
+    return from_flat(flat)

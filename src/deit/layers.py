@@ -1,0 +1,224 @@
+"""ViT building blocks on batched, channels-last arrays.
+
+Weights keep PyTorch/timm layouts (`Linear.weight` is [out, in], the patch projection is
+[D, 3, P, P]) so that converting to and from timm is a rename, never a transpose puzzle.
+Every layer works on the whole batch at once: the attention matmuls run in the
+[B, heads, tokens, head_dim] layout, which XLA:CPU executes several times faster than
+the per-example (vmapped) layout.
+"""
+
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float = 0.02) -> Array:
+    """Normal(0, std) truncated at two standard deviations (timm and flax's ViT init)."""
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+def gelu(x: Array, approximate: bool) -> Array:
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+class Linear(eqx.Module):
+    """`y = x @ W.T + b` over the last axis of any batched input."""
+
+    weight: Float[Array, "out in"]
+    bias: Float[Array, " out"]
+
+    def __init__(self, in_features: int, out_features: int, *, key: PRNGKeyArray):
+        self.weight = trunc_normal(key, (out_features, in_features))
+        self.bias = jnp.zeros((out_features,), jnp.float32)
+
+    def __call__(self, x: Float[Array, "*b in"]) -> Float[Array, "*b out"]:
+        w = self.weight.astype(x.dtype)
+        return jnp.einsum("...i,oi->...o", x, w) + self.bias.astype(x.dtype)
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm over the last axis, eps 1e-6 as in timm's ViT and flax; statistics in f32."""
+
+    weight: Float[Array, " d"]
+    bias: Float[Array, " d"]
+    eps: float = eqx.field(static=True, default=1e-6)
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.weight = jnp.ones((dim,), jnp.float32)
+        self.bias = jnp.zeros((dim,), jnp.float32)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.weight + self.bias
+        return y.astype(x.dtype)
+
+
+class PatchEmbed(eqx.Module):
+    """Non-overlapping P x P patches projected to D: a stride-P convolution as one matmul."""
+
+    weight: Float[Array, "d 3 p p"]
+    bias: Float[Array, " d"]
+    patch_size: int = eqx.field(static=True)
+
+    def __init__(self, patch_size: int, dim: int, *, key: PRNGKeyArray):
+        self.weight = trunc_normal(key, (dim, 3, patch_size, patch_size))
+        self.bias = jnp.zeros((dim,), jnp.float32)
+        self.patch_size = patch_size
+
+    def __call__(self, x: Float[Array, "b h w 3"]) -> Float[Array, "b n d"]:
+        b, h, w, c = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch_size={p}")
+        # [B, h, P, w, P, C] -> [B, h, w, C, P, P]: the (C, P, P) order of the weight.
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)
+        x = x.reshape(b, (h // p) * (w // p), c * p * p)
+        w_ = self.weight.reshape(self.weight.shape[0], -1).astype(x.dtype)
+        return jnp.einsum("bni,di->bnd", x, w_) + self.bias.astype(x.dtype)
+
+
+class Dropout(eqx.Module):
+    """Element-wise dropout, scaled by 1/keep; off in inference mode or when `p == 0`."""
+
+    p: float = eqx.field(static=True)
+    inference: bool = False
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None) -> Array:
+        if self.inference or self.p == 0.0:
+            return x
+        if key is None:
+            raise ValueError("Dropout needs a `key` in training mode (use eqx.nn.inference_mode for eval)")
+        keep = jax.random.bernoulli(key, 1.0 - self.p, x.shape)
+        return jnp.where(keep, x / (1.0 - self.p), 0).astype(x.dtype)
+
+
+class DropPath(eqx.Module):
+    """Stochastic depth: drops a whole residual branch per sample, scaled by 1/keep."""
+
+    p: float = eqx.field(static=True)
+    inference: bool = False
+
+    def __call__(self, x: Float[Array, "b *rest"], *, key: PRNGKeyArray | None) -> Float[Array, "b *rest"]:
+        if self.inference or self.p == 0.0:
+            return x
+        if key is None:
+            raise ValueError("DropPath needs a `key` in training mode (use eqx.nn.inference_mode for eval)")
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = jax.random.bernoulli(key, 1.0 - self.p, shape)
+        return jnp.where(keep, x / (1.0 - self.p), 0).astype(x.dtype)
+
+
+class LayerScale(eqx.Module):
+    """Per-channel learnable scale of a residual branch (CaiT / DeiT-III)."""
+
+    gamma: Float[Array, " d"]
+
+    def __init__(self, dim: int, init_value: float):
+        self.gamma = jnp.full((dim,), init_value, jnp.float32)
+
+    def __call__(self, x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
+        return x * self.gamma.astype(x.dtype)
+
+
+class Attention(eqx.Module):
+    """Multi-head self-attention with a fused qkv projection (rows ordered [q | k | v])."""
+
+    qkv: Linear
+    proj: Linear
+    attn_drop: Dropout
+    proj_drop: Dropout
+    heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, *, key: PRNGKeyArray):
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        k1, k2 = jax.random.split(key)
+        self.qkv = Linear(dim, 3 * dim, key=k1)
+        self.proj = Linear(dim, dim, key=k2)
+        self.attn_drop = Dropout(dropout)
+        self.proj_drop = Dropout(dropout)
+        self.heads = heads
+
+    def attention_weights(self, x: Float[Array, "b t d"]) -> Float[Array, "b heads t t"]:
+        """Softmax attention probabilities, for inspection (notebooks, attention maps)."""
+        q, k, _ = self._qkv(x)
+        return self._probs(q, k)
+
+    def _qkv(self, x: Float[Array, "b t d"]) -> tuple[Array, Array, Array]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, heads, T, head_dim]
+        return qkv[0], qkv[1], qkv[2]
+
+    def _probs(self, q: Array, k: Array) -> Array:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+
+    def __call__(self, x: Float[Array, "b t d"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
+        k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        b, t, d = x.shape
+        q, k, v = self._qkv(x)
+        attn = self.attn_drop(self._probs(q, k), key=k1)
+        out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b, t, d)
+        return self.proj_drop(self.proj(out), key=k2)
+
+
+class Mlp(eqx.Module):
+    fc1: Linear
+    fc2: Linear
+    drop: Dropout
+    approximate_gelu: bool = eqx.field(static=True)
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, approximate_gelu: bool = False,
+                 *, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.fc1 = Linear(dim, hidden, key=k1)
+        self.fc2 = Linear(hidden, dim, key=k2)
+        self.drop = Dropout(dropout)
+        self.approximate_gelu = approximate_gelu
+
+    def __call__(self, x: Float[Array, "b t d"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
+        k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        x = self.drop(gelu(self.fc1(x), self.approximate_gelu), key=k1)
+        return self.drop(self.fc2(x), key=k2)
+
+
+class Block(eqx.Module):
+    """Pre-norm transformer block: x + DropPath(LS(Attn(LN x))), x + DropPath(LS(MLP(LN x)))."""
+
+    norm1: LayerNorm
+    attn: Attention
+    ls1: LayerScale | None
+    norm2: LayerNorm
+    mlp: Mlp
+    ls2: LayerScale | None
+    drop_path: DropPath
+
+    def __init__(self, dim: int, heads: int, *, mlp_ratio: int = 4, dropout: float = 0.0,
+                 droppath: float = 0.0, layerscale: float | None = None,
+                 gelu_kind: Literal["exact", "tanh"] = "exact", key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout, key=k1)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale is not None else None
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio * dim, dropout, gelu_kind == "tanh", key=k2)
+        self.ls2 = LayerScale(dim, layerscale) if layerscale is not None else None
+        self.drop_path = DropPath(droppath)
+
+    def __call__(self, x: Float[Array, "b t d"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
+        keys = jax.random.split(key, 4) if key is not None else (None,) * 4
+        y = self.attn(self.norm1(x), key=keys[0])
+        y = self.ls1(y) if self.ls1 is not None else y
+        x = x + self.drop_path(y, key=keys[1])
+        y = self.mlp(self.norm2(x), key=keys[2])
+        y = self.ls2(y) if self.ls2 is not None else y
+        return x + self.drop_path(y, key=keys[3])

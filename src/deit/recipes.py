@@ -1,0 +1,42 @@
+"""Named training recipes: one JSON file of deit3-jax flags per recipe in the `recipes/` folder.
+
+The 33 deit3-jax recipes are kept verbatim (file name = recipe name); `_aliases.json` gives
+short names for the main ones. `$GCS_DATASET_DIR`-style variables stay unexpanded here and
+are resolved when a run starts.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from deit.config import Config, from_flat
+
+RECIPES_DIR = Path(os.environ.get("DEIT_RECIPES_DIR", Path(__file__).resolve().parents[2] / "recipes"))
+
+
+def _aliases() -> dict[str, str]:
+    path = RECIPES_DIR / "_aliases.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def names() -> list[str]:
+    """Every recipe name (files and aliases), sorted."""
+    files = [p.stem for p in RECIPES_DIR.glob("*.json") if not p.stem.startswith("_")]
+    return sorted(set(files) | set(_aliases()))
+
+
+def flags(name: str) -> dict:
+    target = _aliases().get(name, name)
+    path = RECIPES_DIR / f"{target}.json"
+    if not path.exists():
+        raise ValueError(f"unknown recipe {name!r}; allowed: {', '.join(names())}")
+    return json.loads(path.read_text())
+
+
+def load(name: str) -> Config:
+    return from_flat(flags(name))
+
+
+def describe(name: str) -> str:
+    target = _aliases().get(name, name)
+    return f"alias of {target}" if target != name else f"recipe {name}"
