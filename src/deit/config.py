@@ -136,6 +136,8 @@ class Config:
     data: Annotated[DataConfig, Flat] = DataConfig()
     augment: Annotated[AugmentConfig, Flat] = AugmentConfig()
     optim: Annotated[OptimConfig, Flat] = OptimConfig()
+    fsdp: int = 1
+    """Size of the mesh's `fsdp` axis (parameters sharded over it); the rest of the devices form `data`."""
     init_seed: int = 1
     dropout_seed: int = 1
     log_interval: int = 50

@@ -1,0 +1,132 @@
+"""Optimisers, schedule, weight-decay mask and layer-wise lr decay, over the model's array pytree.
+
+Block parameters are stacked ([layers, ...]); everything here that is "per tensor" in the
+original (LAMB's trust ratio, layer-wise lr decay) is computed per block slice of the
+leading axis, so the stacked layout changes nothing numerically.
+"""
+
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from deit.config import Config, OptimConfig
+from deit.model import ViT
+
+EMBED_NAMES = {"patch_embed", "cls_token", "dist_token", "pos_embed"}
+
+
+def _names(path: tuple) -> list[str]:
+    return [getattr(k, "name", getattr(k, "key", str(k))) for k in path]
+
+
+def param_labels(model: ViT) -> Any:
+    """Per-leaf (group, stacked) labels: group is 'embed', 'blocks' or 'top' (norm, heads)."""
+    params = eqx.filter(model, eqx.is_array)
+
+    def label(path, _):
+        top = _names(path)[0]
+        return "embed" if top in EMBED_NAMES else "blocks" if top == "blocks" else "top"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_mask(model: ViT) -> Any:
+    """True for matrix kernels (linear and patch projections): no decay on biases, norms,
+    LayerScale, cls/dist tokens and position embeddings (deit3-jax's `kernel` rule)."""
+    params = eqx.filter(model, eqx.is_array)
+
+    def is_kernel(path, _):
+        names = _names(path)
+        return names[-1] == "weight" and not any(n.startswith("norm") for n in names)
+
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def stacked_mask(model: ViT) -> Any:
+    return jax.tree.map(lambda g: g == "blocks", param_labels(model))
+
+
+def layer_scales(model: ViT, lr_decay: float) -> Any:
+    """lr multiplier per leaf: embeddings lr_decay**L, block i lr_decay**(L-1-i), rest 1.
+
+    Block leaves get an array [L, 1, ...] broadcasting over each block's slice.
+    """
+    n = model.cfg.layers
+    params = eqx.filter(model, eqx.is_array)
+
+    def scale(group, p):
+        if group == "embed":
+            return jnp.float32(lr_decay**n)
+        if group == "blocks":
+            s = jnp.asarray([lr_decay ** (n - 1 - i) for i in range(n)], jnp.float32)
+            return s.reshape((n,) + (1,) * (p.ndim - 1))
+        return jnp.float32(1.0)
+
+    return jax.tree.map(scale, param_labels(model), params)
+
+
+def schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Warmup from 1e-6 to the peak over `warmup_steps`, cosine to 1e-5 at `training_steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=1e-6, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.training_steps, cfg.warmup_steps + 1), end_value=1e-5)
+
+
+def _slice_norm(x: jax.Array, stacked: bool) -> jax.Array:
+    axes = tuple(range(1, x.ndim)) if stacked else tuple(range(x.ndim))
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True))
+
+
+def scale_by_trust_ratio(stacked: Any, mask: Any) -> optax.GradientTransformation:
+    """LAMB trust ratio ||w|| / ||u|| per tensor (per block slice for stacked leaves), applied
+    only where `mask` is True (deit3-jax: the weight-decayed kernels)."""
+
+    def update(updates, state, params):
+        def one(u, p, st, m):
+            if not m:
+                return u
+            pn, un = _slice_norm(p, st), _slice_norm(u, st)
+            ratio = jnp.where((pn == 0) | (un == 0), 1.0, pn / jnp.where(un == 0, 1.0, un))
+            return (u * ratio).astype(u.dtype)
+
+        return jax.tree.map(one, updates, params, stacked, mask), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimConfig, model: ViT) -> optax.GradientTransformation:
+    """adamw or deit3-jax's lamb (trust ratio on decayed kernels only), + clip and layer decay."""
+    mask = decay_mask(model)
+    lr = schedule(cfg)
+    parts = []
+    if cfg.clip_grad > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_grad))
+    parts += [optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps),
+              optax.add_decayed_weights(cfg.weight_decay, mask=mask)]
+    if cfg.optimizer == "lamb":
+        parts.append(scale_by_trust_ratio(stacked_mask(model), mask))
+    elif cfg.optimizer != "adamw":
+        raise ValueError(f"optimizer={cfg.optimizer!r}: allowed 'adamw', 'lamb'")
+    parts.append(optax.scale_by_learning_rate(lr))
+    if cfg.lr_decay < 1.0:
+        parts.append(scale_by_tree(layer_scales(model, cfg.lr_decay)))
+    return optax.chain(*parts)
+
+
+class Optimizer(NamedTuple):
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def build(cfg: Config, model: ViT) -> Optimizer:
+    return Optimizer(make_optimizer(cfg.optim, model), schedule(cfg.optim))
