@@ -1,0 +1,201 @@
+import collections
+import dataclasses
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from deit import data
+from deit.config import AugmentConfig, Config, DataConfig, ModelConfig
+
+DIGITS = load_digits()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[str, str]:
+    return data.prepare_digits(tmp_path_factory.mktemp("digits"))
+
+
+def config(train: str, valid: str = "", **kw) -> Config:
+    """Digits-sized config; kw go to the data or augment section by field name."""
+    d = {f.name for f in dataclasses.fields(DataConfig)}
+    return Config(
+        model=ModelConfig(layers=1, dim=32, heads=2, labels=10, patch_size=4, image_size=32),
+        data=DataConfig(train_dataset_shards=train, valid_dataset_shards=valid or train, train_batch_size=32,
+                        valid_batch_size=64, **{k: v for k, v in kw.items() if k in d}),
+        augment=AugmentConfig(**{k: v for k, v in kw.items() if k not in d}),
+    )
+
+
+def take(loader, n: int) -> list:
+    out = [next(loader) for _ in range(n)]
+    loader.close()
+    return out
+
+
+def keys_of(urls, *args) -> list[tuple[int, int]]:
+    return [(r.shard, r.pos) for r in data.epoch_stream(urls, *args)]
+
+
+def digest(img: np.ndarray) -> bytes:
+    return np.ascontiguousarray(img).tobytes()
+
+
+def test_prepare_digits(shards):
+    train, valid = (data.expand_shards(s) for s in shards)
+    assert sum(map(data.count_samples, train)) == 1437 and sum(map(data.count_samples, valid)) == 360
+    recs = list(data.shard_records(train, range(len(train)), 10))
+    assert [r.label for r in recs] == DIGITS.target[:1437].tolist()
+    first = np.asarray(Image.open(io.BytesIO(recs[0].image)))
+    assert first.shape == (32, 32, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, data.digit_image(DIGITS.images[0]))
+    np.testing.assert_array_equal(first[::4, ::4, 0], np.round(DIGITS.images[0] * 255 / 16))
+    vrecs = list(data.shard_records(valid, range(len(valid)), 10))
+    assert [r.label for r in vrecs] == DIGITS.target[1437:].tolist()
+
+
+def test_expand_shards(shards, tmp_path):
+    train = data.expand_shards(shards[0])
+    assert len(train) == 6 and train[0].endswith("digits-train-0000.tar")
+    assert data.expand_shards(train[0].replace("0000", "*")) == train
+    assert data.expand_shards("gs://b/x-{00..02}.tar") == ["gs://b/x-00.tar", "gs://b/x-01.tar", "gs://b/x-02.tar"]
+    assert data.expand_shards("pipe:curl -s https://h/a-{0..1}.tar") == [
+        "pipe:curl -s https://h/a-0.tar", "pipe:curl -s https://h/a-1.tar"]
+    with pytest.raises(ValueError, match="nothing-here"):
+        data.expand_shards(str(tmp_path / "nothing-here-{0..3}.tar"))
+    with pytest.raises(ValueError, match="digits:test"):
+        data.expand_shards("digits:test")
+
+
+def test_digits_spec_prepares_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEIT_CACHE", str(tmp_path))
+    threads = [threading.Thread(target=data.ensure_digits) for _ in range(2)]  # racing preparers
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    urls = data.expand_shards("digits:valid")
+    assert [u.rsplit("/", 1)[1] for u in urls] == ["digits-valid-0000.tar", "digits-valid-0001.tar"]
+    assert all(u.startswith(str(tmp_path / "digits")) for u in urls)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no temp folders left
+
+
+def test_train_batches_shapes_and_determinism(shards):
+    cfg = config(shards[0], random_crop="rrc")
+    a, b = take(data.train_batches(cfg), 3), take(data.train_batches(cfg), 3)
+    for (x, y), (x2, y2) in zip(a, b):
+        assert x.shape == (32, 32, 32, 3) and x.dtype == np.uint8 and y.shape == (32,) and y.dtype == np.int32
+        assert y.min() >= 0 and y.max() < 10
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+    other = take(data.train_batches(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shuffle_seed=2))), 1)
+    assert not np.array_equal(a[0][0], other[0][0])
+
+
+def test_epoch_order_depends_on_epoch(shards):
+    urls = data.expand_shards(shards[0])
+    e0, e1 = keys_of(urls, 1, 0, 500, 10, 0, 1), keys_of(urls, 1, 1, 500, 10, 0, 1)
+    assert e0 != e1 and sorted(e0) == sorted(e1) and len(set(e0)) == 1437
+    assert keys_of(urls, 1, 0, 500, 10, 0, 1) == e0
+
+
+@pytest.mark.parametrize("mode", ["none", "rrc"])
+def test_repeats(shards, mode):
+    cfg = config(shards[0], random_crop=mode, augment_repeats=4)
+    (x, y), = take(data.train_batches(cfg), 1)
+    x, y = x.reshape(4, 8, 32, 32, 3), y.reshape(4, 8)
+    assert (y == y[0]).all()
+    same = [np.array_equal(x[c, j], x[0, j]) for c in range(1, 4) for j in range(8)]
+    assert all(same) if mode == "none" else not any(same)
+    assert len({digest(x[0, j]) for j in range(8)}) == 8  # 8 distinct samples
+    with pytest.raises(ValueError, match="augment_repeats=3"):
+        data.train_batches(config(shards[0], augment_repeats=3))
+
+
+@pytest.mark.parametrize("n_shards", [6, 1])
+def test_processes_read_disjoint_samples(shards, n_shards):
+    urls = data.expand_shards(shards[0])[:n_shards]  # 1 shard < 2 processes: split by sample
+    p0, p1 = keys_of(urls, 1, 0, 100, 10, 0, 2), keys_of(urls, 1, 0, 100, 10, 1, 2)
+    assert not set(p0) & set(p1)
+    assert len(set(p0) | set(p1)) == len(p0) + len(p1) == (256 if n_shards == 1 else 1437)
+    x, y = take(data.train_batches(config(shards[0]), process_index=1, process_count=2), 1)[0]
+    assert x.shape == (16, 32, 32, 3) and y.shape == (16,)
+
+
+@pytest.mark.parametrize("spec,count", [(None, 1), (None, 2), ("one", 2), (None, 3)])
+def test_valid_batches_each_sample_once(shards, spec, count):
+    valid = shards[1] if spec is None else data.expand_shards(shards[1])[0]
+    cfg = config(valid, test_crop_ratio=1.0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, valid_batch_size=48 * count))
+    seen, n_batches = collections.Counter(), set()
+    for p in range(count):
+        batches = list(data.valid_batches(cfg, process_index=p, process_count=count))
+        n_batches.add(len(batches))
+        for x, y, m in batches:
+            assert x.shape == (48, 32, 32, 3) and y.dtype == np.int32 and m.dtype == bool
+            seen.update((digest(img), int(label)) for img, label in zip(x[m], y[m]))
+    expected = range(1437, 1797) if spec is None else range(1437, 1437 + 256)
+    assert len(n_batches) == 1
+    assert seen == collections.Counter((digest(data.digit_image(DIGITS.images[i])), int(DIGITS.target[i]))
+                                       for i in expected)
+
+
+def write_samples(path, samples) -> str:
+    data.write_shard(path, samples)
+    return str(path)
+
+
+def png_sample(i: int, label: bytes | None) -> dict[str, bytes]:
+    files = {"png": data.encode_png(data.digit_image(DIGITS.images[i]))}
+    return files if label is None else {**files, "cls": label}
+
+
+def test_bad_label_names_shard_and_key(tmp_path):
+    url = write_samples(tmp_path / "bad.tar", [("k0", png_sample(0, b"3")), ("k-bad", png_sample(1, b"10"))])
+    with pytest.raises(ValueError, match=r"'k-bad'.*bad\.tar"):
+        next(data.train_batches(config(url)))
+    with pytest.raises(ValueError, match=r"'k-bad'.*bad\.tar"):
+        list(data.valid_batches(config(url)))
+
+
+def test_corrupt_samples_skipped_and_counted(tmp_path):
+    samples = [(f"g{i}", png_sample(i, b"%d" % DIGITS.target[i])) for i in range(6)]
+    samples[1] = ("junk", {"png": b"not an image", "cls": b"1"})
+    samples[4] = ("nolabel", png_sample(4, None))
+    url = write_samples(tmp_path / "c.tar", samples)
+    loader = data.valid_batches(config(url))
+    (x, y, m), = list(loader)
+    assert m.sum() == 4 and loader.skipped == 2
+    assert y[m].tolist() == [int(DIGITS.target[i]) for i in (0, 2, 3, 5)]
+    train = data.train_batches(dataclasses.replace(config(url), data=dataclasses.replace(
+        config(url).data, train_batch_size=8)))
+    take(train, 2)
+    assert train.skipped >= 2 and train.state["skipped"] == train.skipped
+
+
+def test_resume_is_exact(shards):
+    cfg = config(shards[0], random_crop="rrc", augment_repeats=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_batch_size=512, shuffle_buffer=300))
+    loader = data.train_batches(cfg)
+    full, states = [], []
+    for _ in range(7):  # 1437 / 256 distinct per batch: crosses the epoch boundary
+        full.append(next(loader))
+        states.append(dict(loader.state))
+    loader.close()
+    assert states[4]["epoch"] == 0 and states[5]["epoch"] == 1
+    for resumed in (data.train_batches(cfg, state=states[3]), data.train_batches(cfg, start_step=4)):
+        for (x, y), (x2, y2) in zip(full[4:], take(resumed, 3), strict=True):
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+    assert data.skip_state(data.expand_shards(shards[0]), cfg, 0, 1, 4) == states[3]
+
+
+def test_workers_give_the_same_batches(shards):
+    cfg = config(shards[0], random_crop="rrc")
+    workers = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_loader_workers=2))
+    for (x, y), (x2, y2) in zip(take(data.train_batches(cfg), 2), take(data.train_batches(workers), 2)):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
