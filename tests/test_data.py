@@ -199,3 +199,36 @@ def test_workers_give_the_same_batches(shards):
     for (x, y), (x2, y2) in zip(take(data.train_batches(cfg), 2), take(data.train_batches(workers), 2)):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)
+
+
+def test_prepare_folder(tmp_path):
+    import json
+
+    import prepare
+
+    src = tmp_path / "train"
+    for i in range(10):
+        cls = ["cat", "dog", "emu"][int(DIGITS.target[i]) % 3]
+        (src / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.digit_image(DIGITS.images[i])).save(src / cls / f"img.{i}.{'png' if i % 2 else 'JPEG'}")
+    (src / "cat" / "notes.txt").write_text("not an image")
+    prepare.main(["folder", str(src), str(tmp_path / "out"), "--shard-size", "4", "--no-progress"])
+    classes = json.loads((tmp_path / "out" / "train-classes.json").read_text())
+    assert classes == {"cat": 0, "dog": 1, "emu": 2}
+    urls = data.expand_shards(str(tmp_path / "out" / "train-{0000..0002}.tar"))
+    samples = [s for u in urls for s in data.iter_shard(u)]
+    assert len(samples) == 10 and sum(map(data.count_samples, urls)) == 10
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert int(s["cls"]) == meta["label"] == classes[meta["path"].split("/")[0]]
+        assert s.get("jpg", s.get("png")) == (src / meta["path"]).read_bytes()
+    x, y, m = next(iter(data.valid_batches(config(urls[0]))))
+    assert m.sum() == 4
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    Image.fromarray(data.digit_image(DIGITS.images[0])).save(tmp_path / "val" / "cat" / "a.png")
+    spec, _ = data.prepare_folder(tmp_path / "val", tmp_path / "out", classes=tmp_path / "out" / "train-classes.json",
+                                  progress=False)
+    assert [int(s["cls"]) for s in data.iter_shard(data.expand_shards(spec)[0])] == [0]
+    (tmp_path / "val" / "yak").mkdir()
+    with pytest.raises(ValueError, match="'yak'"):
+        data.prepare_folder(tmp_path / "val", tmp_path / "out", classes=tmp_path / "out" / "train-classes.json")

@@ -14,6 +14,7 @@ import concurrent.futures
 import functools
 import io
 import itertools
+import json
 import logging
 import math
 import multiprocessing
@@ -34,6 +35,7 @@ import braceexpand
 import numpy as np
 from jaxtyping import Float, UInt8
 from PIL import Image
+from tqdm import tqdm
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
@@ -114,6 +116,72 @@ def prepare_digits(out_dir: str | os.PathLike, shard_size: int = 256) -> tuple[s
                                        "cls": str(int(digits.target[i])).encode()}) for i in part))
         specs.append(str(Path(out_dir) / f"digits-{split}-{{0000..{n_shards - 1:04d}}}.tar"))
     return specs[0], specs[1]
+
+
+def folder_classes(src: Path) -> list[str]:
+    """ImageFolder classes: the sorted subfolder names (torchvision's class order)."""
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {str(src)!r} has no class subfolders; expected SRC/<class>/<image>")
+    return classes
+
+
+def folder_files(src: Path, class_to_idx: dict[str, int]) -> list[tuple[Path, int]]:
+    """(image path, label) for every image file under SRC/<class>/ (any depth), sorted."""
+    files = []
+    for name in folder_classes(src):
+        if name not in class_to_idx:
+            raise ValueError(f"class folder {name!r} is not in the class index; known: {len(class_to_idx)} classes")
+        files += [(p, class_to_idx[name]) for p in sorted((src / name).rglob("*"))
+                  if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS]
+    return files
+
+
+def prepare_folder(src: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str | None = None,
+                   shard_size: int = 1000, seed: int = 0, classes: str | os.PathLike | None = None,
+                   progress: bool = True) -> tuple[str, dict[str, int]]:
+    """ImageFolder tree (SRC/<class>/<image>) -> shuffled webdataset shards; returns (spec, class_to_idx).
+
+    The image bytes are stored as they are (no re-encode); keys are running numbers and a
+    `json` member keeps the source path. Files are shuffled (seeded) before sharding, since
+    a class-sorted shard would defeat the loader's shard + buffer shuffle. The class index
+    is written to OUT/<prefix>-classes.json; pass `classes` (e.g. train's JSON) to give a
+    validation folder the same label numbers.
+    """
+    src, out = Path(src), Path(out_dir)
+    if not src.is_dir():
+        raise ValueError(f"image folder {str(src)!r} does not exist")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size}: must be >= 1")
+    prefix = prefix or src.name
+    class_to_idx = (json.loads(Path(classes).read_text()) if classes is not None
+                    else {c: i for i, c in enumerate(folder_classes(src))})
+    files = folder_files(src, class_to_idx)
+    if not files:
+        raise ValueError(f"image folder {str(src)!r} has no images with extensions {IMAGE_EXTS}")
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_shards = math.ceil(len(files) / shard_size)
+    bar = tqdm(total=len(files), desc=f"{prefix} shards", unit="img", disable=not progress)
+
+    def samples(part: np.ndarray) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for i in part:
+            path, label = files[i]
+            ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            meta = json.dumps({"path": str(path.relative_to(src)), "label": label}).encode()
+            yield f"{i:08d}", {ext: path.read_bytes(), "cls": str(label).encode(), "json": meta}
+            bar.update()
+
+    for s in range(n_shards):
+        write_shard(out / f"{prefix}-{s:04d}.tar", samples(order[s * shard_size:(s + 1) * shard_size]))
+    bar.close()
+    write_text(out / f"{prefix}-classes.json", json.dumps(class_to_idx, indent=1))
+    return str(out / f"{prefix}-{{0000..{n_shards - 1:04d}}}.tar"), class_to_idx
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def cache_root() -> Path:
