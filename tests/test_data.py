@@ -232,3 +232,14 @@ def test_prepare_folder(tmp_path):
     (tmp_path / "val" / "yak").mkdir()
     with pytest.raises(ValueError, match="'yak'"):
         data.prepare_folder(tmp_path / "val", tmp_path / "out", classes=tmp_path / "out" / "train-classes.json")
+
+
+def test_benchmark_loader(shards, tmp_path):
+    from deit import loader_bench
+
+    result = loader_bench.benchmark_loader(shards[0], image_size=32, batch_size=32, batches=3, warmup=1)
+    assert result["batches"] == 3 and result["images_per_s"] > 0 and result["skipped"] == 0
+    assert result["images_per_s_per_core"] == result["images_per_s"]
+    spec = loader_bench.photo_shards(tmp_path, 6, size=(64, 48), shard_size=4)
+    result = loader_bench.benchmark_loader(spec, split="valid", image_size=32, batch_size=4, batches=5, warmup=0)
+    assert result["batches"] == 2 and result["random_crop"] == "eval"
