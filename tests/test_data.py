@@ -243,3 +243,34 @@ def test_benchmark_loader(shards, tmp_path):
     spec = loader_bench.photo_shards(tmp_path, 6, size=(64, 48), shard_size=4)
     result = loader_bench.benchmark_loader(spec, split="valid", image_size=32, batch_size=4, batches=5, warmup=0)
     assert result["batches"] == 2 and result["random_crop"] == "eval"
+
+
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2), (1, 3)])  # (1, 3): split by sample
+def test_start_step_counts_unlabelled_samples(tmp_path, process_index, process_count):
+    paths = []
+    for s in range(2):  # 10 samples in 2 shards, 2 without a label
+        samples = [(f"s{s}-{i}", png_sample(5 * s + i, None if i == 2 else b"%d" % DIGITS.target[5 * s + i]))
+                   for i in range(5)]
+        paths.append(write_samples(tmp_path / f"u-{s}.tar", samples))
+    cfg = config(str(tmp_path / "u-{0..1}.tar"), random_crop="rrc")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_batch_size=6, shuffle_buffer=4))
+    proc = dict(process_index=process_index, process_count=process_count)
+    loader = data.train_batches(cfg, **proc)
+    full, states = [], []
+    for _ in range(7):
+        full.append(next(loader))
+        states.append(dict(loader.state))
+    loader.close()
+    assert states[-1]["epoch"] >= 2 and states[-1]["skipped"] >= 2
+    urls = data.expand_shards(cfg.data.train_dataset_shards)
+    for step in range(1, 7):
+        assert data.skip_state(urls, cfg, process_index, process_count, step) == states[step - 1]
+    for (x, y), (x2, y2) in zip(full[5:], take(data.train_batches(cfg, start_step=5, **proc), 2), strict=True):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+
+
+def test_all_corrupt_training_data_raises(tmp_path):
+    url = write_samples(tmp_path / "junk.tar", [(f"j{i}", {"png": b"junk", "cls": b"1"}) for i in range(3)])
+    with pytest.raises(ValueError, match="no decodable training samples"):
+        next(data.train_batches(config(url)))

@@ -283,27 +283,46 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
 
 
 def count_samples(url: str) -> int:
-    """Samples in a shard (memoised; local tars are scanned by header only)."""
+    """Samples in a shard (memoised; local tars are scanned by header)."""
+    return len(sample_flags(url, 0))
+
+
+def sample_flags(url: str, labels: int) -> np.ndarray:
+    """bool per sample of a shard, in shard order: has an image and a readable label.
+
+    Memoised; a local tar is scanned by header, reading only the tiny `cls` members, so
+    resuming from a step can skip whole epochs without reading image bytes.
+    """
     if is_local(url):
         st = os.stat(url)
-        return _count_local(url, st.st_mtime_ns, st.st_size)
-    return _count_stream(url)
+        return _flags_local(url, st.st_mtime_ns, st.st_size, labels)
+    return _flags_stream(url, labels)
+
+
+def _flags(samples: Iterable[dict[str, Any]], url: str, labels: int) -> np.ndarray:
+    return np.array([image_bytes(s) is not None and parse_label(s, url, labels) is not None for s in samples], bool)
 
 
 @functools.lru_cache(maxsize=None)
-def _count_local(path: str, mtime_ns: int, size: int) -> int:
+def _flags_local(path: str, mtime_ns: int, size: int, labels: int) -> np.ndarray:
     try:
-        with tarfile.open(path, "r:") as tar:  # seeks past member data
-            names = [m.name for m in tar if m.isreg()]
+        with tarfile.open(path, "r:") as tar:  # seeks past the members it does not read
+            files = [{"fname": m.name, "data": tar.extractfile(m).read() if m.name.lower().endswith(".cls") else b""}
+                     for m in tar if m.isreg() and not is_meta(m.name)]
     except (OSError, tarfile.TarError) as exn:
-        log.warning("counting shard %s failed: %s", path, exn)
-        return sum(1 for _ in iter_shard(path))
-    return sum(1 for _ in group_samples({"fname": n, "data": b""} for n in names))
+        log.warning("scanning shard %s failed (%s); reading it as a stream", path, exn)
+        return _flags_stream(path, labels)
+    return _flags(group_samples(files), path, labels)
 
 
 @functools.lru_cache(maxsize=None)
-def _count_stream(url: str) -> int:
-    return sum(1 for _ in iter_shard(url))
+def _flags_stream(url: str, labels: int) -> np.ndarray:
+    return _flags(iter_shard(url), url, labels)
+
+
+def is_meta(name: str) -> bool:
+    """Tar members webdataset's tar_file_iterator skips (`__meta__` files and folders)."""
+    return bool(re.match(r"__[^/]*__($|/)", name))
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes | None:
@@ -362,7 +381,20 @@ def epoch_stream(urls: list[str], seed: int, epoch: int, buffer_size: int, label
                  process_index: int, process_count: int) -> Iterator[Record]:
     """One epoch of this process's raw records, in final (shuffled) order."""
     records = process_records(urls, shard_order(len(urls), seed, epoch), labels, process_index, process_count)
-    return shuffled(records, buffer_size, np.random.default_rng([seed, epoch, 1, process_index]))
+    return shuffled(records, buffer_size, shuffle_rng(seed, epoch, process_index))
+
+
+def shuffle_rng(seed: int, epoch: int, process_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, 1, process_index])
+
+
+def epoch_flags(urls: list[str], seed: int, epoch: int, labels: int, process_index: int,
+                process_count: int) -> np.ndarray:
+    """`sample_flags` of this process's records of an epoch, in pre-shuffle order."""
+    order = shard_order(len(urls), seed, epoch)
+    mine = order[process_index::process_count] if len(order) >= process_count else order
+    flags = np.concatenate([sample_flags(urls[s], labels) for s in mine])
+    return flags if len(order) >= process_count else flags[process_index::process_count]
 
 
 def train_records(urls: list[str], seed: int, buffer_size: int, labels: int, process_index: int,
@@ -545,20 +577,24 @@ def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
                             process_count, state["epoch"], state["offset"])
     fn = functools.partial(decode_train, size=size, mode=cfg.augment.random_crop, repeats=k, seed=seed)
     chunk = max(1, min(n, 32))
-    workers = getattr(pool, "_max_workers", 1)
     skipped = state["skipped"]
     images = np.empty((k, n, size, size, 3), np.uint8)
     labels = np.empty((n,), np.int32)
-    j = 0
-    for recs, crops in ordered_map(fn, chunked(records, chunk), pool, 2 * workers + 1):
+    j, current, good = 0, state["epoch"], 1  # good: decoded samples of epoch `current`
+    for recs, crops in ordered_map(fn, chunked(records, chunk), pool, 2 * cfg.data.train_loader_workers + 1):
         for (epoch, i, rec), crops_ in zip(recs, crops):
+            if epoch != current:
+                if not good:  # else an all-corrupt dataset would spin forever
+                    raise ValueError(f"no decodable training samples for process {process_index} in epoch "
+                                     f"{current} of {len(urls)} shard(s), e.g. {urls[0]}")
+                current, good = epoch, 0
             if crops_ is None:
                 skipped += 1
                 if skipped <= 10:
                     log.warning("skipping corrupt sample %r in %s", rec.key, rec.url)
                 continue
             images[:, j], labels[j] = crops_, rec.label
-            j += 1
+            j, good = j + 1, good + 1
             if j == n:
                 yield ((images.reshape(k * n, size, size, 3), np.tile(labels, k)),
                        {"epoch": epoch, "offset": i + 1, "skipped": skipped})
@@ -566,27 +602,32 @@ def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
 
 
 def skip_state(urls: list[str], cfg: Config, process_index: int, process_count: int, steps: int) -> dict[str, int]:
-    """Resume state after `steps` batches, by replaying the raw record stream without decoding.
+    """Resume state after `steps` batches, computed from per-shard sample flags alone.
 
-    Exact unless images that fail to decode occurred before that point (they are detected only
-    by decoding); the `state` of a running loader is exact always.
+    Whole epochs are skipped by counting; in the last one the shuffle buffer is replayed on
+    indices (its order depends only on the seed and the count, not on the data). Exact unless
+    images that fail to decode came before that point (only decoding finds those); the
+    `state` of a running loader is exact always.
     """
-    state = {"epoch": 0, "offset": 0, "skipped": 0}
+    seed, labels = cfg.data.shuffle_seed, cfg.model.labels
     need = steps * (cfg.data.train_batch_size // process_count // cfg.augment.augment_repeats)
+    skipped = 0
     if need == 0:
-        return state
-    records = train_records(urls, cfg.data.shuffle_seed, cfg.data.shuffle_buffer, cfg.model.labels,
-                            process_index, process_count)
-    good = 0
-    for e, i, rec in records:
-        if rec.label is None or rec.image is None:
-            state["skipped"] += 1
+        return {"epoch": 0, "offset": 0, "skipped": 0}
+    for epoch in itertools.count():
+        flags = epoch_flags(urls, seed, epoch, labels, process_index, process_count)
+        if not flags.any():
+            raise ValueError(f"no training samples for process {process_index} of {process_count} "
+                             f"in {len(urls)} shard(s), e.g. {urls[0]}")
+        good = int(flags.sum())
+        if need > good:
+            need, skipped = need - good, skipped + len(flags) - good
             continue
-        good += 1
-        if good == need:
-            state.update(epoch=e, offset=i + 1)
-            return state
-    raise AssertionError("unreachable: train_records is infinite")
+        order = np.fromiter(shuffled(range(len(flags)), cfg.data.shuffle_buffer,
+                                     shuffle_rng(seed, epoch, process_index)), int, len(flags))
+        last = int(np.searchsorted(np.cumsum(flags[order]), need))  # index of the need-th good record
+        return {"epoch": epoch, "offset": last + 1, "skipped": skipped + last + 1 - need}
+    raise AssertionError("unreachable")
 
 
 def train_batches(cfg: Config, *, process_index: int = 0, process_count: int = 1, start_step: int = 0,
@@ -636,7 +677,7 @@ def valid_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
     n_batches = valid_plan(urls, process_count, batch)
     records = process_records(urls, list(range(len(urls))), cfg.model.labels, process_index, process_count)
     fn = functools.partial(decode_valid, size=size, crop_ratio=cfg.augment.test_crop_ratio)
-    workers = getattr(pool, "_max_workers", 1)
+    workers = cfg.data.valid_loader_workers
 
     def empty() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.zeros((batch, size, size, 3), np.uint8), np.zeros((batch,), np.int32), np.zeros((batch,), bool)
