@@ -18,13 +18,18 @@ from deit.model import ViT
 EMBED_NAMES = {"patch_embed", "cls_token", "dist_token", "pos_embed"}
 
 
+def _params(model: ViT) -> Any:
+    """Array leaves of a model or of its abstract skeleton (ShapeDtypeStructs)."""
+    return eqx.filter(model, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
+
+
 def _names(path: tuple) -> list[str]:
     return [getattr(k, "name", getattr(k, "key", str(k))) for k in path]
 
 
 def param_labels(model: ViT) -> Any:
     """Per-leaf (group, stacked) labels: group is 'embed', 'blocks' or 'top' (norm, heads)."""
-    params = eqx.filter(model, eqx.is_array)
+    params = _params(model)
 
     def label(path, _):
         top = _names(path)[0]
@@ -36,7 +41,7 @@ def param_labels(model: ViT) -> Any:
 def decay_mask(model: ViT) -> Any:
     """True for matrix kernels (linear and patch projections): no decay on biases, norms,
     LayerScale, cls/dist tokens and position embeddings (deit3-jax's `kernel` rule)."""
-    params = eqx.filter(model, eqx.is_array)
+    params = _params(model)
 
     def is_kernel(path, _):
         names = _names(path)
@@ -55,7 +60,7 @@ def layer_scales(model: ViT, lr_decay: float) -> Any:
     Block leaves get an array [L, 1, ...] broadcasting over each block's slice.
     """
     n = model.cfg.layers
-    params = eqx.filter(model, eqx.is_array)
+    params = _params(model)
 
     def scale(group, p):
         if group == "embed":

@@ -1,0 +1,111 @@
+"""The jitted train and eval steps, their state, losses and metrics.
+
+Step-varying values (the step, hence lr and RNG keys) live in arrays inside the state, so
+one compiled step serves the whole run. RNG keys are derived by folding the step into the
+recipe's seeds: nothing random is carried, and a resumed run draws the same numbers.
+"""
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int, UInt8
+
+from deit import augment
+from deit.config import Config
+from deit.model import ViT
+
+
+class TrainState(eqx.Module):
+    model: ViT
+    opt_state: Any
+    step: Int[Array, ""]
+
+
+def init_state(model: ViT, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(model, tx.init(eqx.filter(model, eqx.is_array)), jnp.zeros((), jnp.int32))
+
+
+def criterion_loss(criterion: str, logits: Float[Array, "b c"], targets: Float[Array, "b c"]) -> Float[Array, " b"]:
+    """Per-sample loss: softmax CE, or deit3-jax's BCE (targets > 0 after mixup, mean over classes)."""
+    logits = logits.astype(jnp.float32)
+    if criterion == "ce":
+        return optax.softmax_cross_entropy(logits, targets)
+    if criterion == "bce":
+        return optax.sigmoid_binary_cross_entropy(logits, (targets > 0).astype(jnp.float32)).mean(-1)
+    raise ValueError(f"criterion={criterion!r}: allowed 'ce', 'bce'")
+
+
+def topk_correct(logits: Float[Array, "b c"], targets: Float[Array, "b c"]) -> tuple[Float[Array, " b"], Float[Array, " b"]]:
+    """Top-1 / top-5 hits, multi-label aware as in deit3-jax: a prediction counts when it is
+    in the set of labels holding the maximal target weight."""
+    label_set = targets == targets.max(-1, keepdims=True)
+    k = min(5, logits.shape[-1])
+    top = jax.lax.top_k(logits, k)[1]
+    hits = jnp.take_along_axis(label_set, top, axis=-1)
+    return hits[:, 0].astype(jnp.float32), hits.any(-1).astype(jnp.float32)
+
+
+def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    state_shardings: Any = None) -> Callable:
+    num_labels, accum = cfg.model.labels, cfg.optim.grad_accum
+
+    def loss_fn(model: ViT, x, t, key):
+        logits = model(x, key=key)
+        loss = criterion_loss(cfg.augment.criterion, logits, t).mean()
+        return loss, logits
+
+    grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state: TrainState, images: UInt8[Array, "b h w 3"], labels: Int[Array, " b"]):
+        k_aug, k_mix = jax.random.split(jax.random.fold_in(jax.random.key(cfg.augment.mixup_seed), state.step))
+        k_drop = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
+        x = augment.train_transform(cfg.augment, k_aug, images)
+        t = augment.one_hot_targets(cfg.augment, labels, num_labels)
+        x, t = augment.mixup_cutmix(cfg.augment, k_mix, x, t)
+
+        if accum == 1:
+            (loss, logits), grads = grad_fn(state.model, x, t, k_drop)
+        else:
+            # Micro-batches in a scan: activation memory of one micro-batch, one update per step.
+            xs = x.reshape(accum, -1, *x.shape[1:])
+            ts = t.reshape(accum, -1, t.shape[-1])
+            keys = jax.random.split(k_drop, accum)
+            zeros = jax.tree.map(jnp.zeros_like, eqx.filter(state.model, eqx.is_array))
+
+            def micro(acc, inp):
+                (l, lg), g = grad_fn(state.model, *inp)
+                return jax.tree.map(jnp.add, acc, g), (l, lg)
+
+            grads, (losses, logits) = jax.lax.scan(micro, zeros, (xs, ts, keys))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss, logits = losses.mean(), logits.reshape(-1, logits.shape[-1])
+
+        params = eqx.filter(state.model, eqx.is_array)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        model = eqx.apply_updates(state.model, updates)
+        acc1, acc5 = topk_correct(logits, t)
+        metrics = {"loss": loss, "acc1": acc1.mean(), "acc5": acc5.mean(),
+                   "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+        new = TrainState(model, opt_state, state.step + 1)
+        if state_shardings is not None:
+            arrays, static = eqx.partition(new, eqx.is_array)
+            new = eqx.combine(jax.lax.with_sharding_constraint(arrays, state_shardings), static)
+        return new, metrics
+
+    return eqx.filter_jit(step_fn, donate="all")  # state and batch are used once
+
+
+@eqx.filter_jit
+def eval_step(model: ViT, images: UInt8[Array, "b h w 3"], labels: Int[Array, " b"],
+              mask: Bool[Array, " b"]) -> dict[str, Float[Array, ""]]:
+    """Sums over the unmasked samples of a (possibly padded) batch."""
+    model = eqx.nn.inference_mode(model)
+    logits = model(augment.eval_transform(images))
+    t = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    acc1, acc5 = topk_correct(logits, t)
+    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), t)
+    m = mask.astype(jnp.float32)
+    return {"acc1": (acc1 * m).sum(), "acc5": (acc5 * m).sum(), "loss": (loss * m).sum(), "num_samples": m.sum()}
