@@ -1,81 +1,545 @@
 """On-device augmentation: pure JAX functions over uint8 batches that arrive at model size.
 
 The host only decodes, crops/resizes to `image_size` and batches (see `deit.crop`); all
-per-pixel work happens here, on the device that holds the batch slice.
+per-pixel work happens here, on the device that holds the batch slice, inside the trainer's
+jitted step:
+
+    images = train_transform(cfg, key, images)                  # uint8 -> normalised float
+    targets = one_hot_targets(cfg, labels, num_labels)
+    images, targets = mixup_cutmix(cfg, mix_key, images, targets)
+
+Per image, in timm's order: horizontal flip, the policy (`auto_augment`: timm RandAugment
+string such as 'rand-m9-mstd0.5-inc1', or '3a' for DeiT-III's 3-Augment), color jitter
+(torchvision semantics), ImageNet normalisation, random erasing (timm 'pixel' mode). Every
+image draws from its own key (split from the step key by its index in the global batch), so
+images of a batch and the repeated copies of one sample are augmented independently, and the
+result does not depend on how the batch is sharded.
+
+How the per-image functions run: under a data-sharded mesh each device augments its own slice
+(`jax.shard_map` over the batch axes: no image ever crosses devices). Within a device, on CPU
+the images go one at a time through `lax.map`, so a `lax.switch` / `lax.cond` runs only the
+chosen branch (vmap would turn them into selects that run every op on every image, 4x slower
+here); on GPU/TPU `lax.map` runs chunks of `ACCELERATOR_CHUNK` images vmapped, where running
+every branch is cheap and parallel.
 """
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
+from deit import imageops
 from deit.config import AugmentConfig
-from deit.model import normalize
+from deit.imageops import (FILL, affine, auto_contrast, brightness, color, contrast, equalize, gaussian_blur,
+                           grayscale, hflip, invert, posterize, rotate, sharpness, shear_x, shear_y, solarize,
+                           solarize_add, translate_x, translate_y)
+from deit.model import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+Image = UInt8[Array, "h w 3"] | Float[Array, "h w 3"]
+Out = Float[Array, "h w 3"]
+Scalar = float | int | Float[Array, ""] | Int[Array, ""]
+
+# Mesh axes that shard the batch when the input's sharding does not say (Auto axes).
+DATA_AXES = ("data", "fsdp")
+# Images vmapped together per lax.map step on GPU/TPU (bounds the select temporaries).
+ACCELERATOR_CHUNK = 64
+
+# ----------------------------------------------------------------------------- RandAugment
+
+_LEVEL_DENOM = 10.0
+RAND_TRANSFORMS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+RAND_INCREASING_TRANSFORMS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel",
+)
+_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
+_ENHANCE = {"Color": color, "Contrast": contrast, "Brightness": brightness, "Sharpness": sharpness}
 
 
-def hflip(key: PRNGKeyArray, image: Float[Array, "h w c"], p: float) -> Float[Array, "h w c"]:
-    return jnp.where(jax.random.bernoulli(key, p), image[:, ::-1], image)
+@dataclasses.dataclass(frozen=True)
+class RandAugment:
+    """timm RandAugment: `num_layers` ops drawn uniformly with replacement, each applied with
+    probability `prob` at magnitude N(magnitude, magnitude_std) clipped to [0, magnitude_max]
+    (magnitude_std = inf: uniform in [0, magnitude])."""
+
+    num_layers: int = 2
+    magnitude: float = 10.0
+    prob: float = 0.5
+    magnitude_std: float = 0.0
+    magnitude_max: float = 10.0
+    ops: tuple[str, ...] = RAND_TRANSFORMS
+    translate_pct: float = 0.45
+    """TranslateXRel/YRel range as a fraction of the image side (timm's default)."""
+
+    def __post_init__(self):
+        unknown = [o for o in self.ops if o not in _OP_NAMES]
+        if unknown:
+            raise ValueError(f"unknown RandAugment ops {unknown}; allowed: {sorted(_OP_NAMES)}")
+        if self.num_layers < 0 or not 0 <= self.prob <= 1:
+            raise ValueError(f"bad RandAugment n={self.num_layers} p={self.prob}")
 
 
-def _train_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Float[Array, "h w c"]) -> Float[Array, "h w c"]:
+def parse_rand_augment(config: str) -> RandAugment:
+    """timm's config string: 'rand' then dash-separated m<int>, n<int>, p<float>, mstd<float>
+    (> 100 means uniform), mmax<int>, inc<0|1>; e.g. 'rand-m9-mstd0.5-inc1'."""
+    parts = config.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"auto_augment={config!r}: a RandAugment string starts with 'rand'")
+    kw: dict = {}
+    increasing = False
+    for part in parts[1:]:
+        m = re.fullmatch(r"([a-z]+)(\d.*)", part)
+        if m is None:
+            raise ValueError(f"auto_augment={config!r}: cannot parse section {part!r}")
+        key, val = m.groups()
+        if key == "m":
+            kw["magnitude"] = float(int(val))
+        elif key == "n":
+            kw["num_layers"] = int(val)
+        elif key == "p":
+            kw["prob"] = float(val)
+        elif key == "mstd":
+            std = float(val)
+            kw["magnitude_std"] = math.inf if std > 100 else std
+        elif key == "mmax":
+            kw["magnitude_max"] = float(int(val))
+        elif key == "inc":
+            increasing = bool(int(val))
+        else:
+            raise ValueError(f"auto_augment={config!r}: unknown section {part!r} (allowed m, n, p, mstd, mmax, inc)")
+    return RandAugment(ops=RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS, **kw)
+
+
+def _negate(v, negate):
+    return jnp.where(negate, -v, v)
+
+
+def op_argument(name: str, magnitude: Scalar, negate: bool | jax.Array, h: int, w: int,
+                translate_pct: float = 0.45) -> Float[Array, ""]:
+    """timm's level-to-argument rule for op `name` at `magnitude` (0..10 scale), with its random
+    sign (`negate`) for the signed ops; h, w: image size for the relative translations."""
+    lv = jnp.asarray(magnitude, jnp.float32) / _LEVEL_DENOM
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return jnp.float32(0.0)
+    if name == "Rotate":
+        return _negate(lv * 30.0, negate)
+    if name == "Posterize":
+        return jnp.floor(lv * 4.0)
+    if name == "PosterizeIncreasing":
+        return 4.0 - jnp.floor(lv * 4.0)
+    if name == "PosterizeOriginal":
+        return jnp.floor(lv * 4.0) + 4.0
+    if name == "Solarize":
+        return jnp.floor(lv * 256.0)
+    if name == "SolarizeIncreasing":
+        return 256.0 - jnp.floor(lv * 256.0)
+    if name == "SolarizeAdd":
+        return jnp.floor(lv * 110.0)
+    if name in _ENHANCE:
+        return lv * 1.8 + 0.1
+    if name.endswith("Increasing"):  # Color/Contrast/Brightness/SharpnessIncreasing
+        return jnp.maximum(0.1, 1.0 + _negate(lv * 0.9, negate))
+    if name in ("ShearX", "ShearY"):
+        return _negate(lv * 0.3, negate)
+    if name in ("TranslateX", "TranslateY"):  # absolute, timm's translate_const = 0.45 * min side
+        return _negate(lv * float(int(0.45 * min(h, w))), negate)
+    if name == "TranslateXRel":
+        return _negate(lv * translate_pct, negate) * w
+    if name == "TranslateYRel":
+        return _negate(lv * translate_pct, negate) * h
+    raise ValueError(f"unknown op {name!r}")
+
+
+def _geometric_coeffs(name: str, arg, h: int, w: int):
+    one, zero = jnp.float32(1.0), jnp.float32(0.0)
+    if name == "Rotate":
+        return imageops.rotate_coeffs(arg, h, w)
+    if name == "ShearX":
+        return jnp.stack([one, arg, zero, zero, one, zero])
+    if name == "ShearY":
+        return jnp.stack([one, zero, zero, arg, one, zero])
+    if name in ("TranslateX", "TranslateXRel"):
+        return jnp.stack([one, zero, arg, zero, one, zero])
+    return jnp.stack([one, zero, zero, zero, one, arg])  # TranslateY, TranslateYRel
+
+
+def apply_op(name: str, image: Image, arg: Scalar) -> Out:
+    """Apply timm op `name` with its argument (as `op_argument` returns it)."""
+    if name in _GEOMETRIC:
+        return affine(image, _geometric_coeffs(name, jnp.asarray(arg, jnp.float32), image.shape[0], image.shape[1]))
+    base = name.removesuffix("Increasing").removesuffix("Original")
+    if base == "AutoContrast":
+        return auto_contrast(image)
+    if base == "Equalize":
+        return equalize(image)
+    if base == "Invert":
+        return invert(image)
+    if base == "Posterize":
+        return posterize(image, arg)
+    if base == "Solarize":
+        return solarize(image, arg)
+    if base == "SolarizeAdd":
+        return solarize_add(image, arg)
+    if base in _ENHANCE:
+        return _ENHANCE[base](image, arg)
+    raise ValueError(f"unknown op {name!r}")
+
+
+_OP_NAMES = frozenset(RAND_TRANSFORMS + RAND_INCREASING_TRANSFORMS + ("PosterizeOriginal", "TranslateX", "TranslateY"))
+
+
+def sample_rand_augment(ra: RandAugment, key: PRNGKeyArray) -> dict[str, jax.Array]:
+    """Per-layer random choices: op index, applied?, magnitude, sign (arrays of length num_layers)."""
+    k_op, k_apply, k_mag, k_neg = jax.random.split(key, 4)
+    n = ra.num_layers
+    if ra.magnitude_std == math.inf:
+        mag = jax.random.uniform(k_mag, (n,), maxval=ra.magnitude)
+    elif ra.magnitude_std > 0:
+        mag = ra.magnitude + ra.magnitude_std * jax.random.normal(k_mag, (n,))
+    else:
+        mag = jnp.full((n,), ra.magnitude, jnp.float32)
+    return dict(
+        op=jax.random.randint(k_op, (n,), 0, len(ra.ops)),
+        apply=jax.random.uniform(k_apply, (n,)) < ra.prob,
+        magnitude=jnp.clip(mag, 0.0, ra.magnitude_max),
+        negate=jax.random.uniform(k_neg, (n,)) > 0.5,
+    )
+
+
+def apply_rand_augment(ra: RandAugment, params: dict[str, jax.Array], image: Image) -> Out:
+    """Run the layers chosen by `sample_rand_augment`.
+
+    All geometric ops share one branch (one bilinear warp whose coefficients depend on the op),
+    so a vmapped switch runs one warp per layer, not five.
+    """
+    x = image.astype(jnp.float32)
+    h, w = x.shape[0], x.shape[1]
+    geo = [i for i, o in enumerate(ra.ops) if o in _GEOMETRIC]
+    colour = [i for i, o in enumerate(ra.ops) if o not in _GEOMETRIC]
+    branch_of = [0] * len(ra.ops)  # 0: identity, 1: warp, 2..: colour ops
+    for j, i in enumerate(colour):
+        branch_of[i] = 2 + j
+    for i in geo:
+        branch_of[i] = 1
+    branch_of = jnp.asarray(branch_of)
+
+    def args(i, mag, neg):
+        return jnp.stack([op_argument(o, mag, neg, h, w, ra.translate_pct) for o in ra.ops])[i]
+
+    def warp(img, i, mag, neg):
+        if not geo:
+            return img
+        table = jnp.stack([_geometric_coeffs(ra.ops[g], op_argument(ra.ops[g], mag, neg, h, w, ra.translate_pct), h, w)
+                           for g in geo])
+        pos = jnp.asarray([geo.index(g) if g in geo else 0 for g in range(len(ra.ops))])[i]
+        return affine(img, table[pos])
+
+    branches = [lambda img, i, mag, neg: img, warp] + [
+        (lambda name: lambda img, i, mag, neg: apply_op(name, img, args(i, mag, neg)))(ra.ops[c]) for c in colour]
+    for layer in range(ra.num_layers):
+        i = params["op"][layer]
+        b = jnp.where(params["apply"][layer], branch_of[i], 0)
+        x = jax.lax.switch(b, branches, x, i, params["magnitude"][layer], params["negate"][layer])
+    return x
+
+
+def rand_augment(ra: RandAugment, key: PRNGKeyArray, image: Image) -> Out:
+    return apply_rand_augment(ra, sample_rand_augment(ra, key), image)
+
+
+# ----------------------------------------------------------------------------- 3-Augment, jitter, flip
+
+
+def sample_three_augment(key: PRNGKeyArray, sigma_range: tuple[float, float] = (0.1, 2.0)) -> dict[str, jax.Array]:
+    """3-Augment's choice (0 grayscale, 1 solarize, 2 blur, uniform) and blur sigma."""
+    k_choice, k_sigma = jax.random.split(key)
+    return dict(choice=jax.random.randint(k_choice, (), 0, 3),
+                sigma=jax.random.uniform(k_sigma, minval=sigma_range[0], maxval=sigma_range[1]))
+
+
+def apply_three_augment(params: dict[str, jax.Array], image: Image, max_sigma: float = 2.0) -> Out:
+    branches = [lambda x, s: grayscale(x), lambda x, s: solarize(x, 128),
+                lambda x, s: gaussian_blur(x, s, max_sigma=max_sigma)]
+    return jax.lax.switch(params["choice"], branches, image.astype(jnp.float32), params["sigma"])
+
+
+def three_augment(key: PRNGKeyArray, image: Image, sigma_range: tuple[float, float] = (0.1, 2.0)) -> Out:
+    """DeiT-III 3-Augment (timm's '3a'): one of grayscale, solarize (threshold 128) or Gaussian
+    blur (PIL GaussianBlur, sigma uniform in `sigma_range`), chosen uniformly."""
+    return apply_three_augment(sample_three_augment(key, sigma_range), image, max_sigma=sigma_range[1])
+
+
+_JITTER_OPS = (brightness, contrast, color)
+
+
+def sample_color_jitter(key: PRNGKeyArray, brightness_: float = 0.0, contrast_: float = 0.0,
+                        saturation: float = 0.0) -> dict[str, jax.Array]:
+    """torchvision ColorJitter.get_params: factors uniform in [max(0, 1 - v), 1 + v] for
+    brightness, contrast, saturation (1 when v = 0: skipped), and a random order of the three."""
+    k_order, *k_f = jax.random.split(key, 4)
+    factors = [jax.random.uniform(k, minval=max(0.0, 1.0 - v), maxval=1.0 + v) if v > 0 else jnp.float32(1.0)
+               for k, v in zip(k_f, (brightness_, contrast_, saturation))]
+    return dict(factors=jnp.stack(factors), order=jax.random.permutation(k_order, 3))
+
+
+def apply_color_jitter(params: dict[str, jax.Array], image: Image,
+                       enabled: tuple[bool, bool, bool] = (True, True, True)) -> Out:
+    """Apply brightness / contrast / saturation (PIL ImageEnhance) in `order`; a disabled one is
+    skipped (torchvision skips an op whose range is the single value 1)."""
+    x = image.astype(jnp.float32)
+    branches = [(lambda j: (lambda img, f: _JITTER_OPS[j](img, f[j])) if enabled[j] else (lambda img, f: img))(j)
+                for j in range(3)]
+    for step in range(3):
+        x = jax.lax.switch(params["order"][step], branches, x, params["factors"])
+    return x
+
+
+def color_jitter(key: PRNGKeyArray, image: Image, brightness_: float = 0.0, contrast_: float = 0.0,
+                 saturation: float = 0.0) -> Out:
+    """torchvision ColorJitter(brightness, contrast, saturation) on a PIL image."""
+    if brightness_ <= 0 and contrast_ <= 0 and saturation <= 0:
+        return image.astype(jnp.float32)
+    params = sample_color_jitter(key, brightness_, contrast_, saturation)
+    return apply_color_jitter(params, image, (brightness_ > 0, contrast_ > 0, saturation > 0))
+
+
+def random_hflip(key: PRNGKeyArray, image: Image, p: float = 0.5) -> Out:
+    x = image.astype(jnp.float32)
+    return jnp.where(jax.random.uniform(key) < p, x[:, ::-1], x)
+
+
+# ----------------------------------------------------------------------------- random erasing
+
+
+def erase_box(key: PRNGKeyArray, h: int, w: int, min_area: float = 0.02, max_area: float = 1 / 3,
+              min_aspect: float = 0.3, max_aspect: float | None = None,
+              attempts: int = 10) -> tuple[Int[Array, "4"], jax.Array]:
+    """timm RandomErasing's box: (top, left, height, width) and whether any of `attempts` fit.
+
+    Area uniform in [min_area, max_area] of the image, aspect log-uniform in
+    [min_aspect, 1/min_aspect]; the first attempt with h < H and w < W wins.
+    """
+    max_aspect = max_aspect or 1 / min_aspect
+    k_area, k_aspect, k_top, k_left = jax.random.split(key, 4)
+    area = jax.random.uniform(k_area, (attempts,), minval=min_area, maxval=max_area) * (h * w)
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (attempts,), minval=math.log(min_aspect), maxval=math.log(max_aspect)))
+    bh = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    bw = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    ok = (bw < w) & (bh < h)
+    first = jnp.argmax(ok)
+    bh, bw = bh[first], bw[first]
+    top = jax.random.randint(k_top, (), 0, h - bh + 1)
+    left = jax.random.randint(k_left, (), 0, w - bw + 1)
+    return jnp.stack([top, left, bh, bw]), ok.any()
+
+
+def random_erasing(key: PRNGKeyArray, image: Float[Array, "h w 3"], p: float = 0.25) -> Float[Array, "h w 3"]:
+    """timm RandomErasing(p, mode='pixel', max_count=1) on a normalised image: with probability
+    p one box (see `erase_box`) is filled with per-pixel, per-channel N(0, 1) noise."""
+    k_p, k_box, k_noise = jax.random.split(key, 3)
+    h, w = image.shape[0], image.shape[1]
+    (top, left, bh, bw), ok = erase_box(k_box, h, w)
+
+    def erase(x):
+        ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+        inside = (ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw)
+        return jnp.where(inside[..., None], jax.random.normal(k_noise, x.shape, x.dtype), x)
+
+    # A real branch under lax.map: the noise (the costliest part) is drawn only when erasing.
+    return jax.lax.cond((jax.random.uniform(k_p) < p) & ok, erase, lambda x: x, image)
+
+
+# ----------------------------------------------------------------------------- train / eval transforms
+
+
+@functools.lru_cache(maxsize=None)
+def policy(auto_augment: str | None) -> Callable[[PRNGKeyArray, jax.Array], jax.Array] | None:
+    """The per-image policy for an `auto_augment` string: None/'none', '3a' or 'rand-...'."""
+    if auto_augment in (None, "", "none"):
+        return None
+    if auto_augment == "3a":
+        return three_augment
+    if auto_augment.startswith("rand"):
+        return functools.partial(rand_augment, parse_rand_augment(auto_augment))
+    raise ValueError(f"auto_augment={auto_augment!r}: allowed None, 'none', '3a' or a timm 'rand-...' string")
+
+
+def _normalize_one(x):
+    return (x / 255.0 - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def augment_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Image) -> Float[Array, "h w 3"]:
+    """The whole per-image train transform: flip, policy, jitter, normalise, erase."""
+    k_flip, k_policy, k_jitter, k_erase = jax.random.split(key, 4)
+    x = image.astype(jnp.float32)
     if cfg.hflip > 0:
-        image = hflip(key, image, cfg.hflip)
-    return image
+        x = random_hflip(k_flip, x, cfg.hflip)
+    pol = policy(cfg.auto_augment)
+    if pol is not None:
+        x = pol(k_policy, x)
+    if cfg.color_jitter > 0:
+        x = color_jitter(k_jitter, x, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
+    x = _normalize_one(x)
+    if cfg.random_erasing > 0:
+        x = random_erasing(k_erase, x, cfg.random_erasing)
+    return x
+
+
+def _batch_axes(x: jax.Array) -> tuple[object, tuple[str, ...]]:
+    """(mesh, axes) when x's batch dim is sharded over mesh axes (explicit spec, else DATA_AXES)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None, ()
+    spec = tuple(sharding.spec) if sharding.spec is not None else ()
+    if spec and spec[0] is not None:
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    else:
+        axes = tuple(a for a in DATA_AXES if a in mesh.axis_names)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    axes = tuple(a for a in axes if types[a] != AxisType.Manual)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n <= 1 or x.shape[0] % n:
+        return None, ()
+    return mesh, axes
+
+
+def per_device(fn: Callable, replicated: tuple, sharded: tuple):
+    """fn(device_index, *replicated, *sharded) on each device's slice (dim 0) of `sharded`.
+
+    Under a mesh that shards the batch (see `_batch_axes`) this is a `jax.shard_map`: each
+    device works on its own slice and nothing crosses devices; otherwise fn sees the whole
+    batch with device_index 0. `replicated` arguments (keys) are passed whole.
+    """
+    mesh, axes = _batch_axes(sharded[0])
+    if not axes:
+        return fn(jnp.int32(0), *replicated, *sharded)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(types[a] == AxisType.Explicit for a in axes):  # explicit axes: say it (a local slice, no traffic)
+        sharded = tuple(jax.sharding.reshard(s, jax.NamedSharding(mesh, P(axes))) for s in sharded)
+    return jax.shard_map(lambda *a: fn(jax.lax.axis_index(axes), *a), mesh=mesh,
+                         in_specs=(P(),) * len(replicated) + (P(axes),) * len(sharded), out_specs=P(axes))(
+        *replicated, *sharded)
+
+
+def _map_images(fn, keys, images):
+    chunk = None if jax.default_backend() == "cpu" else min(ACCELERATOR_CHUNK, images.shape[0])
+    return jax.lax.map(lambda a: fn(*a), (keys, images), batch_size=chunk)
 
 
 def train_transform(cfg: AugmentConfig, key: PRNGKeyArray, images: UInt8[Array, "b h w 3"]) -> Float[Array, "b h w 3"]:
-    """Per-image random transforms (one key per image), then ImageNet normalisation."""
+    """Per-image random transforms (one key per image), then ImageNet normalisation.
+
+    With no policy, jitter or erasing this is flip (if cfg.hflip > 0) + normalise, batched.
+    """
+    if cfg.auto_augment in (None, "", "none") and cfg.color_jitter <= 0 and cfg.random_erasing <= 0:
+        x = images.astype(jnp.float32)
+        if cfg.hflip > 0:
+            flip = jax.random.uniform(key, (x.shape[0],)) < cfg.hflip
+            x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+        return normalize(x)
     keys = jax.random.split(key, images.shape[0])
-    x = jax.vmap(lambda k, im: _train_one(cfg, k, im))(keys, images.astype(jnp.float32))
-    return normalize(x)
+    one = functools.partial(augment_one, cfg)
+    return per_device(lambda _, im, ks: _map_images(one, ks, im), (), (images, keys))
 
 
 def eval_transform(images: UInt8[Array, "b h w 3"]) -> Float[Array, "b h w 3"]:
     return normalize(images)
 
 
+# ----------------------------------------------------------------------------- targets, Mixup / CutMix
+
+
 def one_hot_targets(cfg: AugmentConfig, labels: Int[Array, " b"], num_labels: int) -> Float[Array, "b c"]:
-    """One-hot targets; label smoothing for the ce criterion (deit3-jax applies none with bce)."""
+    """One-hot targets; label smoothing for the ce criterion (deit3-jax applies none with bce).
+
+    Smoothing as timm's: off = eps / C, on = 1 - eps + eps / C.
+    """
     t = jax.nn.one_hot(labels, num_labels, dtype=jnp.float32)
     eps = cfg.label_smoothing if cfg.criterion == "ce" else 0.0
     return t * (1.0 - eps) + eps / num_labels
 
 
+def cutmix_box(key: PRNGKeyArray, lam: Float[Array, ""], h: int, w: int) -> tuple[Int[Array, "4"], Float[Array, ""]]:
+    """timm's rand_bbox + correct_lam: a box of side int(sqrt(1 - lam) * side) centred uniformly,
+    clipped to the image: (y0, y1, x0, x1) and the corrected lam = 1 - box area / (h w)."""
+    cut = jnp.sqrt(1.0 - lam)
+    ch, cw = jnp.floor(h * cut).astype(jnp.int32), jnp.floor(w * cut).astype(jnp.int32)
+    k_y, k_x = jax.random.split(key)
+    cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
+    y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + (ch + 1) // 2, 0, h)
+    x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + (cw + 1) // 2, 0, w)
+    return jnp.stack([y0, y1, x0, x1]), 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
+
+
+def _mix_local(cfg: AugmentConfig, key, images, targets):
+    """timm Mixup(mode='batch', prob=1, switch_prob=0.5, correct_lam=True) on one batch slice:
+    one lam per slice, partner of image i is image b-1-i of the slice (timm's `x.flip(0)`)."""
+    b, h, w, _ = images.shape
+    k_switch, k_lam, k_box = jax.random.split(key, 3)
+    if cfg.mixup > 0 and cfg.cutmix > 0:
+        use_cut = jax.random.uniform(k_switch) < 0.5
+        alpha = jnp.where(use_cut, cfg.cutmix, cfg.mixup)
+    else:
+        use_cut = jnp.asarray(cfg.cutmix > 0)
+        alpha = jnp.float32(cfg.cutmix if cfg.cutmix > 0 else cfg.mixup)
+    lam = jax.random.beta(k_lam, alpha, alpha).astype(jnp.float32)
+    partner, partner_t = images[::-1], targets[::-1]
+    mixed_mix = lam * images + (1.0 - lam) * partner
+    if cfg.cutmix > 0:
+        (y0, y1, x0, x1), lam_cut = cutmix_box(k_box, lam, h, w)
+        ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+        box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+        mixed_cut = jnp.where(box[None, :, :, None], partner, images)
+        mixed = jnp.where(use_cut, mixed_cut, mixed_mix)
+        lam = jnp.where(use_cut, lam_cut, lam)
+    else:
+        mixed = mixed_mix
+    t = lam * targets + (1.0 - lam) * partner_t
+    if cfg.criterion == "bce":
+        t = (t > 0).astype(jnp.float32)  # DeiT-III / deit3-jax: BCE against targets > 0
+    return mixed, t
+
+
 def mixup_cutmix(cfg: AugmentConfig, key: PRNGKeyArray, images: Float[Array, "b h w c"],
                  targets: Float[Array, "b n"]) -> tuple[Float[Array, "b h w c"], Float[Array, "b n"]]:
-    """Batch-level Mixup or CutMix (chosen with probability 0.5 when both are on).
+    """Batch-level Mixup or CutMix (each with probability 0.5 when both are on), timm's rules.
 
-    Partners are the batch reversed (timm's rule); under a data-sharded mesh the flip is a
-    collective, acceptable since it is one image-sized permute per step.
+    Mixup partners are chosen WITHIN each device's slice of the batch: image i of a slice is
+    mixed with image (slice_size - 1 - i) of the same slice, with one lam per slice. This is what
+    timm does under DDP (every GPU flips its local batch, with its own lam) and what deit3-jax
+    does under pmap (a permutation of each device's batch); it keeps the step free of any
+    cross-device traffic, and with the loader's layout (copy c of sample j at c * n + j) the
+    repeated copies of a sample are never each other's partner unless the slice holds more than
+    one copy. Without a sharded mesh the slice is the whole batch. Targets are mixed with the
+    same lam; with criterion 'bce' they are then binarised (> 0), as DeiT-III trains.
     """
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        if cfg.criterion == "bce":
+            return images, (targets > 0).astype(jnp.float32)
         return images, targets
-    k_sw, k_mix, k_cut, k_box = jax.random.split(key, 4)
-    b, h, w, _ = images.shape
-    partner_img, partner_t = images[::-1], targets[::-1]
 
-    def do_mixup():
-        lam = jax.random.beta(k_mix, cfg.mixup, cfg.mixup) if cfg.mixup > 0 else jnp.float32(1.0)
-        return lam * images + (1 - lam) * partner_img, lam
+    return per_device(lambda index, k, x, t: _mix_local(cfg, jax.random.fold_in(k, index), x, t), (key,),
+                      (images, targets))
 
-    def do_cutmix():
-        lam = jax.random.beta(k_cut, cfg.cutmix, cfg.cutmix) if cfg.cutmix > 0 else jnp.float32(1.0)
-        cut = jnp.sqrt(1.0 - lam)
-        ch, cw = (cut * h).astype(jnp.int32), (cut * w).astype(jnp.int32)
-        cy, cx = jax.random.randint(k_box, (2,), 0, jnp.array([h, w]))
-        y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
-        x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
-        yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-        box = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
-        lam = 1.0 - ((y1 - y0) * (x1 - x0)) / (h * w)  # corrected to the clipped box
-        return jnp.where(box[None, :, :, None], partner_img, images), lam
 
-    if cfg.mixup > 0 and cfg.cutmix > 0:
-        use_cut = jax.random.bernoulli(k_sw, 0.5)
-        (im_m, lam_m), (im_c, lam_c) = do_mixup(), do_cutmix()
-        mixed, lam = jnp.where(use_cut, im_c, im_m), jnp.where(use_cut, lam_c, lam_m)
-    elif cfg.cutmix > 0:
-        mixed, lam = do_cutmix()
-    else:
-        mixed, lam = do_mixup()
-    lam = jnp.asarray(lam, jnp.float32)
-    return mixed, lam * targets + (1 - lam) * partner_t
+__all__ = [
+    "FILL", "RAND_INCREASING_TRANSFORMS", "RAND_TRANSFORMS", "RandAugment", "affine", "apply_op",
+    "apply_color_jitter", "apply_rand_augment", "apply_three_augment", "augment_one", "auto_contrast", "brightness", "color", "color_jitter", "contrast",
+    "cutmix_box", "equalize", "erase_box", "eval_transform", "gaussian_blur", "grayscale", "hflip", "invert",
+    "mixup_cutmix", "one_hot_targets", "op_argument", "parse_rand_augment", "policy", "posterize",
+    "rand_augment", "random_erasing", "random_hflip", "rotate", "sample_color_jitter", "sample_rand_augment",
+    "sample_three_augment", "sharpness", "shear_x",
+    "shear_y", "solarize", "solarize_add", "three_augment", "train_transform", "translate_x", "translate_y",
+]

@@ -69,15 +69,19 @@ def simple_random_crop(rng: np.random.Generator, img: Image.Image, size: int, pa
 
 
 def train_crop(rng: np.random.Generator, img: Image.Image, size: int, mode: str) -> np.ndarray:
-    """uint8 [size, size, 3] for a `random_crop` mode: 'rrc', 'src' or 'none' (plain resize)."""
+    """uint8 [size, size, 3] for a `random_crop` mode, as deit3-jax's torchvision pipeline:
+    'rrc' RandomResizedCrop (bicubic), 'src' Simple Random Crop, 'none' resize the shorter side
+    (bicubic) + center crop."""
     img = img.convert("RGB")
     if mode == "rrc":
         left, top, w, h = rrc_box(rng, *img.size)
-        return np.asarray(img.resize((size, size), BICUBIC, box=(left, top, left + w, top + h)))
+        # crop, then resize (torchvision's resized_crop): resize(box=...) would also read the
+        # pixels just outside the box, which timm's crops never see.
+        return np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC))
     if mode == "src":
         return simple_random_crop(rng, img, size)
     if mode == "none":
-        return np.asarray(img.resize((size, size), BICUBIC) if img.size != (size, size) else img)
+        return np.asarray(center_crop(resize_shorter(img, size), size))
     raise ValueError(f"random_crop={mode!r}: allowed 'rrc', 'src', 'none'")
 
 

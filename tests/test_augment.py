@@ -1,0 +1,349 @@
+"""On-device augmentation: every op against PIL / timm / torchvision on real photographs, the
+policies against timm's ops with the same random draws, and the batched train transform
+(compiles once, stays data-sharded, leaves tiny-digits' transform a plain normalisation)."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+import torchvision.transforms.functional as TF
+from beartype.roar import BeartypeCallHintParamViolation
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import TypeCheckError
+from PIL import Image, ImageFilter, ImageOps
+from timm.data import auto_augment as taa
+
+from deit import augment as A
+from deit import imageops as O
+from deit.config import AugmentConfig, from_flat
+from deit.model import normalize
+
+ROOT = Path(__file__).resolve().parents[1]
+BILINEAR = Image.Resampling.BILINEAR
+COLOUR_TOL, GEOMETRIC_TOL = 1.0, 2.0  # mean |ours - PIL| per pixel, intensity levels
+
+
+def _photos() -> dict[str, np.ndarray]:
+    astro = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((224, 224), Image.Resampling.BICUBIC))
+    coffee = np.asarray(Image.fromarray(skimage.data.coffee()).resize((131, 97), Image.Resampling.BICUBIC))
+    return {"astronaut224": astro, "chelsea300x451": skimage.data.chelsea(), "coffee97x131": coffee}
+
+
+PHOTOS = _photos()
+
+
+def mad(ours, ref) -> float:
+    return float(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)).mean())
+
+
+def pil_posterize(im: Image.Image, bits: int, **_) -> Image.Image:
+    """timm's posterize; keeping 0 bits gives black, as Pillow did before it started rejecting
+    bits=0 (RandAugment's PosterizeIncreasing reaches 0 bits at magnitude 10)."""
+    return Image.new(im.mode, im.size, 0) if bits == 0 else taa.posterize(im, bits)
+
+
+def pil_affine(im: Image.Image, coeffs) -> Image.Image:
+    return im.transform(im.size, Image.Transform.AFFINE, coeffs, resample=BILINEAR, fillcolor=O.FILL)
+
+
+# (name, PIL reference, ours, tolerance); each `ours` is jitted once per photo size.
+OPS = [
+    ("auto_contrast", ImageOps.autocontrast, O.auto_contrast, COLOUR_TOL),
+    ("equalize", ImageOps.equalize, O.equalize, COLOUR_TOL),
+    ("invert", ImageOps.invert, O.invert, COLOUR_TOL),
+    ("posterize2", lambda im: taa.posterize(im, 2), lambda x: O.posterize(x, 2), COLOUR_TOL),
+    ("posterize0", lambda im: pil_posterize(im, 0), lambda x: O.posterize(x, 0), COLOUR_TOL),
+    ("solarize100", lambda im: taa.solarize(im, 100), lambda x: O.solarize(x, 100), COLOUR_TOL),
+    ("solarize_add60", lambda im: taa.solarize_add(im, 60), lambda x: O.solarize_add(x, 60), COLOUR_TOL),
+    ("color0.2", lambda im: taa.color(im, 0.2), lambda x: O.color(x, 0.2), COLOUR_TOL),
+    ("color1.8", lambda im: taa.color(im, 1.8), lambda x: O.color(x, 1.8), COLOUR_TOL),
+    ("contrast0.3", lambda im: taa.contrast(im, 0.3), lambda x: O.contrast(x, 0.3), COLOUR_TOL),
+    ("contrast1.9", lambda im: taa.contrast(im, 1.9), lambda x: O.contrast(x, 1.9), COLOUR_TOL),
+    ("brightness0.4", lambda im: taa.brightness(im, 0.4), lambda x: O.brightness(x, 0.4), COLOUR_TOL),
+    ("brightness1.7", lambda im: taa.brightness(im, 1.7), lambda x: O.brightness(x, 1.7), COLOUR_TOL),
+    ("sharpness0.1", lambda im: taa.sharpness(im, 0.1), lambda x: O.sharpness(x, 0.1), COLOUR_TOL),
+    ("sharpness1.9", lambda im: taa.sharpness(im, 1.9), lambda x: O.sharpness(x, 1.9), COLOUR_TOL),
+    ("grayscale", lambda im: TF.to_grayscale(im, 3), O.grayscale, COLOUR_TOL),
+    ("blur0.1", lambda im: im.filter(ImageFilter.GaussianBlur(0.1)), lambda x: O.gaussian_blur(x, 0.1), COLOUR_TOL),
+    ("blur1.3", lambda im: im.filter(ImageFilter.GaussianBlur(1.3)), lambda x: O.gaussian_blur(x, 1.3), COLOUR_TOL),
+    ("blur2", lambda im: im.filter(ImageFilter.GaussianBlur(2.0)), lambda x: O.gaussian_blur(x, 2.0), COLOUR_TOL),
+    ("blur4.5", lambda im: im.filter(ImageFilter.GaussianBlur(4.5)), lambda x: O.gaussian_blur(x, 4.5), COLOUR_TOL),
+    ("hflip", lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), O.hflip, COLOUR_TOL),
+    ("rotate23", lambda im: im.rotate(23.4, BILINEAR, fillcolor=O.FILL), lambda x: O.rotate(x, 23.4), GEOMETRIC_TOL),
+    ("rotate-30", lambda im: im.rotate(-30.0, BILINEAR, fillcolor=O.FILL), lambda x: O.rotate(x, -30.0),
+     GEOMETRIC_TOL),
+    ("shear_x0.3", lambda im: pil_affine(im, (1, 0.3, 0, 0, 1, 0)), lambda x: O.shear_x(x, 0.3), GEOMETRIC_TOL),
+    ("shear_y-0.2", lambda im: pil_affine(im, (1, 0, 0, -0.2, 1, 0)), lambda x: O.shear_y(x, -0.2), GEOMETRIC_TOL),
+    ("translate_x40.5", lambda im: pil_affine(im, (1, 0, 40.5, 0, 1, 0)), lambda x: O.translate_x(x, 40.5),
+     GEOMETRIC_TOL),
+    ("translate_y-33.3", lambda im: pil_affine(im, (1, 0, 0, 0, 1, -33.3)), lambda x: O.translate_y(x, -33.3),
+     GEOMETRIC_TOL),
+]
+
+
+@pytest.mark.parametrize("name,ref,ours,tol", OPS, ids=[o[0] for o in OPS])
+def test_op_matches_pil(name, ref, ours, tol):
+    f = jax.jit(ours)
+    for photo, a in PHOTOS.items():
+        out = f(jnp.asarray(a))
+        assert out.dtype == jnp.float32 and out.shape == a.shape
+        expected = np.asarray(ref(Image.fromarray(a)))
+        err = mad(out, expected)
+        assert err <= tol, f"{name} on {photo}: mean abs diff {err:.3f} > {tol}"
+        # Faithful well beyond the tolerance: PIL's own rounding is reproduced.
+        assert err <= 0.1, f"{name} on {photo}: mean abs diff {err:.3f}"
+
+
+def test_ops_accept_uint8_and_float_alike():
+    a = PHOTOS["coffee97x131"]
+    for f in (O.equalize, lambda x: O.rotate(x, 10.0), lambda x: O.contrast(x, 1.5), lambda x: O.gaussian_blur(x, 1.0)):
+        np.testing.assert_array_equal(np.asarray(f(jnp.asarray(a))), np.asarray(f(jnp.asarray(a, jnp.float32))))
+
+
+def test_geometric_fill_is_timm_imagenet_mean():
+    assert O.FILL == (124, 116, 104)
+    out = np.asarray(O.translate_x(jnp.asarray(PHOTOS["coffee97x131"]), 200.0))  # everything moved out
+    assert (out == np.asarray(O.FILL, np.float32)).all()
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises((TypeCheckError, BeartypeCallHintParamViolation)):
+        O.equalize(jnp.zeros((8, 8, 4), jnp.uint8))
+    with pytest.raises((TypeCheckError, BeartypeCallHintParamViolation)):
+        A.train_transform(AugmentConfig(), jax.random.key(0), jnp.zeros((8, 8, 3), jnp.uint8))
+
+
+# ----------------------------------------------------------------------------- RandAugment
+
+
+def test_parse_rand_augment():
+    ra = A.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    assert (ra.num_layers, ra.magnitude, ra.magnitude_std, ra.prob, ra.magnitude_max) == (2, 9.0, 0.5, 0.5, 10.0)
+    assert ra.ops == A.RAND_INCREASING_TRANSFORMS == tuple(taa._RAND_INCREASING_TRANSFORMS)
+    assert A.parse_rand_augment("rand-m7-n3-p0.8-mstd101-mmax12").ops == tuple(taa._RAND_TRANSFORMS)
+    ra = A.parse_rand_augment("rand-m7-n3-p0.8-mstd101-mmax12")
+    assert (ra.num_layers, ra.magnitude, ra.prob, ra.magnitude_std, ra.magnitude_max) == (3, 7.0, 0.8, np.inf, 12.0)
+    for bad in ("rand-x3", "augmix-m3", "rand-m"):
+        with pytest.raises(ValueError):
+            A.parse_rand_augment(bad)
+    with pytest.raises(ValueError, match="auto_augment"):
+        A.policy("v0")
+
+
+@pytest.mark.parametrize("name", sorted(set(taa._RAND_TRANSFORMS + taa._RAND_INCREASING_TRANSFORMS)))
+def test_op_argument_matches_timm_level_to_arg(name, monkeypatch):
+    hparams = dict(translate_const=100, img_mean=O.FILL)
+    for negate in (False, True):
+        # timm negates when random.random() > 0.5
+        monkeypatch.setattr(taa.random, "random", lambda: 0.9 if negate else 0.1)
+        for m in (0.0, 1.3, 5.0, 9.0, 9.7, 10.0):
+            level_fn = taa.LEVEL_TO_ARG[name]
+            want = level_fn(m, hparams)[0] if level_fn is not None else 0.0
+            if name.endswith("Rel"):
+                want *= 96 if "X" in name else 80  # timm multiplies by the image side in the op
+            got = float(A.op_argument(name, m, negate, 80, 96))
+            assert got == pytest.approx(want, abs=1e-4), (name, m, negate)
+
+
+@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "rand-m10-n3-p1.0"])
+def test_rand_augment_matches_timm_ops_with_same_draws(config):
+    """Our policy vs timm's ops applied in PIL with the draws our sampler made."""
+    ra = A.parse_rand_augment(config)
+    a = PHOTOS["astronaut224"]
+    h, w = a.shape[:2]
+    hp = dict(translate_const=int(0.45 * 224), img_mean=O.FILL)
+    run = jax.jit(lambda k, x: (A.sample_rand_augment(ra, k), A.rand_augment(ra, k, x)))
+    names_seen = set()
+    for seed in range(24):
+        params, out = run(jax.random.key(seed), jnp.asarray(a))
+        im, geometric = Image.fromarray(a), False
+        for layer in range(ra.num_layers):
+            if not bool(params["apply"][layer]):
+                continue
+            name = ra.ops[int(params["op"][layer])]
+            names_seen.add(name)
+            geometric |= name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+            arg = float(A.op_argument(name, params["magnitude"][layer], params["negate"][layer], h, w))
+            if name.endswith("Rel"):  # timm's op takes the fraction
+                arg /= w if "X" in name else h
+            args = () if name in ("AutoContrast", "Equalize", "Invert") else (arg,)
+            if name.startswith(("Posterize", "Solarize")):
+                args = (int(arg),)
+            op = pil_posterize if name.startswith("Posterize") else taa.NAME_TO_OP[name]
+            im = op(im, *args, fillcolor=hp["img_mean"], resample=BILINEAR)
+        err = mad(out, np.asarray(im))
+        assert err <= (GEOMETRIC_TOL if geometric else COLOUR_TOL), (seed, params, err)
+    assert len(names_seen) >= 8
+
+
+def test_three_augment_matches_pil():
+    a = PHOTOS["chelsea300x451"]
+    run = jax.jit(lambda k, x: (A.sample_three_augment(k), A.three_augment(k, x)))
+    seen = set()
+    for seed in range(12):
+        params, out = run(jax.random.key(seed), jnp.asarray(a))
+        choice, sigma = int(params["choice"]), float(params["sigma"])
+        seen.add(choice)
+        assert 0.1 <= sigma <= 2.0
+        im = Image.fromarray(a)
+        ref = [lambda: TF.to_grayscale(im, 3), lambda: ImageOps.solarize(im, 128),
+               lambda: im.filter(ImageFilter.GaussianBlur(sigma))][choice]()
+        assert mad(out, np.asarray(ref)) <= 0.1, (choice, sigma)
+    assert seen == {0, 1, 2}
+    # timm's '3a' ops are the same operations: Desaturate at magnitude 10 is the grey image,
+    # Solarize at magnitude 5 thresholds at 128.
+    im = Image.fromarray(a)
+    np.testing.assert_array_equal(np.asarray(taa.desaturate(im, 1.0)), np.asarray(TF.to_grayscale(im, 3)))
+    assert taa._solarize_level_to_arg(5, {})[0] == 128
+
+
+def test_color_jitter_matches_torchvision_with_same_draws():
+    a = PHOTOS["coffee97x131"]
+    run = jax.jit(lambda k, x: (A.sample_color_jitter(k, 0.4, 0.4, 0.4), A.color_jitter(k, x, 0.4, 0.4, 0.4)))
+    adjust = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for seed in range(8):
+        params, out = run(jax.random.key(seed), jnp.asarray(a))
+        factors = np.asarray(params["factors"])
+        assert ((factors >= 0.6) & (factors <= 1.4)).all()
+        im = Image.fromarray(a)
+        for j in np.asarray(params["order"]):
+            im = adjust[j](im, float(factors[j]))
+        assert mad(out, np.asarray(im)) <= COLOUR_TOL
+
+
+# ----------------------------------------------------------------------------- batch transforms
+
+DEIT = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25, mixup=0.8, cutmix=1.0,
+                     label_smoothing=0.1, augment_repeats=3)
+DEIT3 = AugmentConfig(auto_augment="3a", color_jitter=0.3, mixup=0.8, cutmix=1.0, criterion="bce",
+                      augment_repeats=3, random_crop="src")
+
+
+def batch(n: int = 8, size: int = 32) -> np.ndarray:
+    a = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.Resampling.BICUBIC))
+    c = np.asarray(Image.fromarray(skimage.data.chelsea()).resize((size, size), Image.Resampling.BICUBIC))
+    return np.stack([a, c] * (n // 2))
+
+
+def test_tiny_digits_transform_is_flip_free_normalisation():
+    flat = json.loads((ROOT / "recipes" / "tiny-digits.json").read_text())
+    cfg = from_flat(flat).augment
+    assert cfg.auto_augment is None and cfg.hflip == 0 and cfg.mixup == cfg.cutmix == 0
+    x = jnp.asarray(batch(4, 32))
+    out = jax.jit(lambda k, im: A.train_transform(cfg, k, im))(jax.random.key(0), x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(normalize(x)), atol=1e-6)
+    t = A.one_hot_targets(cfg, jnp.array([1, 2, 3, 4]), 10)
+    assert A.mixup_cutmix(cfg, jax.random.key(0), out, t)[1] is t
+    np.testing.assert_allclose(np.asarray(t.sum(1)), 1.0, rtol=1e-6)
+    assert float(t[0, 1]) == pytest.approx(0.9 + 0.01)
+    np.testing.assert_array_equal(np.asarray(A.eval_transform(x)), np.asarray(normalize(x)))
+
+
+def test_hflip_only_flips_or_keeps():
+    cfg = AugmentConfig(hflip=0.5)
+    x = jnp.asarray(batch(16, 16))
+    out = np.asarray(A.train_transform(cfg, jax.random.key(3), x))
+    n, f = np.asarray(normalize(x)), np.asarray(normalize(x[:, :, ::-1]))
+    flipped = [bool((o == fl).all()) for o, fl in zip(out, f)]
+    assert all((o == nn).all() or fl for o, nn, fl in zip(out, n, flipped))
+    assert 0 < sum(flipped) < 16
+
+
+@pytest.mark.parametrize("cfg", [DEIT, DEIT3], ids=["deit", "deit3"])
+def test_train_transform_compiles_once_and_is_per_image(cfg):
+    traces = []
+
+    @jax.jit
+    def step(key, images, labels):
+        traces.append(1)
+        k1, k2 = jax.random.split(key)
+        x = A.train_transform(cfg, k1, images)
+        return A.mixup_cutmix(cfg, k2, x, A.one_hot_targets(cfg, labels, 10))
+
+    x, labels = jnp.asarray(batch(8)), jnp.arange(8) % 10
+    outs = [step(jax.random.key(s), x, labels) for s in range(3)]
+    assert len(traces) == 1
+    images, targets = outs[0]
+    assert images.shape == (8, 32, 32, 3) and images.dtype == jnp.float32 and targets.shape == (8, 10)
+    assert bool(jnp.isfinite(images).all())
+    assert not np.array_equal(np.asarray(outs[0][0]), np.asarray(outs[1][0]))
+    if cfg.criterion == "bce":
+        assert set(np.unique(np.asarray(targets))) <= {0.0, 1.0}
+    else:
+        np.testing.assert_allclose(np.asarray(targets.sum(1)), 1.0, rtol=1e-5)
+    # Per image: image i of the batch is augment_one with the i-th split key.
+    k = jax.random.key(7)
+    full = jax.jit(A.train_transform, static_argnums=0)(cfg, k, x)
+    one = jax.jit(A.augment_one, static_argnums=0)
+    keys = jax.random.split(k, 8)
+    for i in (0, 5):
+        np.testing.assert_allclose(np.asarray(full[i]), np.asarray(one(cfg, keys[i], x[i])), atol=1e-5)
+
+
+def test_mixup_cutmix_targets_follow_images():
+    cfg = AugmentConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.0)
+    # image i is the constant i: mixup gives lam*i + (1-lam)*(b-1-i), cutmix a box of b-1-i.
+    b = 6
+    x = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None], (b, 16, 16, 3))
+    t = A.one_hot_targets(cfg, jnp.arange(b), b)
+    kinds = set()
+    for seed in range(20):
+        mixed, mt = A.mixup_cutmix(cfg, jax.random.key(seed), x, t)
+        mixed, mt = np.asarray(mixed), np.asarray(mt)
+        lam = mt[0, 0]
+        np.testing.assert_allclose(mt.sum(1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(mt[np.arange(b), b - 1 - np.arange(b)], 1 - lam, atol=1e-6)
+        own = (mixed[0] == 0).mean()
+        if np.isin(mixed[0], [0.0, b - 1.0]).all():  # cutmix: lam = share of own pixels
+            kinds.add("cutmix")
+            assert own == pytest.approx(lam, abs=1e-6)
+        else:
+            kinds.add("mixup")
+            np.testing.assert_allclose(mixed[0], (1 - lam) * (b - 1), atol=1e-5)
+    assert kinds == {"cutmix", "mixup"}
+
+
+def test_bce_targets_are_binarised():
+    cfg = AugmentConfig(mixup=0.8, cutmix=1.0, criterion="bce", label_smoothing=0.1)
+    t = A.one_hot_targets(cfg, jnp.arange(4), 4)
+    np.testing.assert_array_equal(np.asarray(t), np.eye(4))  # no smoothing with bce
+    _, mt = A.mixup_cutmix(cfg, jax.random.key(0), jnp.zeros((4, 8, 8, 3)), t)
+    assert set(np.unique(np.asarray(mt))) <= {0.0, 1.0} and (np.asarray(mt).sum(1) >= 1).all()
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_data_sharded_mesh_keeps_slices_local(axis_type):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices: conftest sets XLA_FLAGS")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    sharding = NamedSharding(mesh, P("data"))
+    x = batch(16, 16)
+    xs = jax.device_put(x, sharding)
+    labels = jax.device_put(jnp.arange(16) % 10, sharding)
+
+    transform = jax.jit(lambda k, im: A.train_transform(DEIT, k, im))
+    compiled = transform.lower(jax.random.key(0), xs).compile()
+    out = compiled(jax.random.key(0), xs)
+    assert out.sharding.spec[0] == "data" and out.sharding.mesh.shape == {"data": 8}
+    # Same per-image result as on one device: keys are split by global index.
+    np.testing.assert_allclose(np.asarray(out), np.asarray(transform(jax.random.key(0), jnp.asarray(x))), atol=1e-5)
+
+    mix = jax.jit(lambda k, im, lb: A.mixup_cutmix(DEIT, k, im, A.one_hot_targets(DEIT, lb, 10)))
+    compiled_mix = mix.lower(jax.random.key(1), out, labels).compile()
+    mixed, targets = compiled_mix(jax.random.key(1), out, labels)
+    assert mixed.sharding.spec[0] == "data" and targets.sharding.spec[0] == "data"
+    for c in (compiled, compiled_mix):
+        hlo = c.as_text()
+        assert not any(c in hlo for c in ("all-gather", "all-to-all", "collective-permute", "all-reduce")), \
+            "augmentation must not move images between devices"
+    # Partners are within each device's pair of images: slice d holds images 2d, 2d+1.
+    t = np.asarray(targets)
+    lab = np.arange(16) % 10
+    for i in range(16):
+        mates = set(np.nonzero(t[i] > 0.02)[0]) - {lab[i]}
+        assert mates <= {lab[i ^ 1]}
