@@ -1,0 +1,73 @@
+"""Evaluate a checkpoint: `python src/evaluate.py --checkpoint PATH --valid-dataset-shards SPEC`.
+
+Prints one JSON object with `acc1`, `acc5`, `loss`, `num_samples` and `skipped`. Exact: the last
+batch is padded and masked, so every sample of the shards counts once.
+"""
+
+import dataclasses
+import json
+import sys
+from typing import Annotated
+
+import tyro
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    checkpoint: str
+    """Weights: a training checkpoint dir, our .safetensors, timm .pth/.safetensors or deit3-jax .msgpack."""
+    valid_dataset_shards: str = "digits:valid"
+    valid_batch_size: int = 256
+    valid_loader_workers: int = 0
+    test_crop_ratio: float | None = None
+    """Center-crop ratio; default: the checkpoint's training config, else 0.875."""
+    image_size: int | None = None
+    """Evaluation resolution; default: the model's."""
+    progress: Annotated[bool, tyro.conf.arg(help="Show a progress bar on stderr.")] = True
+
+
+def run(args: Args) -> dict:
+    import jax
+
+    from deit import checkpoint, data, sharding
+    from deit.config import Config, from_dict
+    from deit.interop import load_model
+    from deit.trainer import evaluate
+
+    model = load_model(args.checkpoint)
+    cfg = Config(model=model.cfg)
+    try:
+        cfg = from_dict(checkpoint.read_meta(args.checkpoint)["config"])
+    except (FileNotFoundError, NotADirectoryError, KeyError):
+        cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, test_crop_ratio=0.875))
+    if args.image_size not in (None, model.cfg.image_size):
+        raise ValueError(f"image_size={args.image_size}: this model was built for {model.cfg.image_size}")
+    cfg = dataclasses.replace(
+        cfg, model=model.cfg,
+        data=dataclasses.replace(cfg.data, valid_dataset_shards=args.valid_dataset_shards,
+                                 valid_batch_size=args.valid_batch_size, valid_loader_workers=args.valid_loader_workers),
+        augment=dataclasses.replace(cfg.augment, test_crop_ratio=args.test_crop_ratio or cfg.augment.test_crop_ratio))
+    mesh = sharding.make_mesh(1)
+    if args.valid_batch_size % mesh.size:
+        raise ValueError(f"valid_batch_size={args.valid_batch_size} is not divisible by the device count {mesh.size}")
+    batches = data.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+        result = evaluate(model, batches, mesh, progress=args.progress)
+    finally:
+        batches.close()
+    result["skipped"] = int(batches.skipped)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    try:
+        result = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The training entry points end to end: dry-run for every recipe, a short run, resume, evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import deit
+from deit import recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))
+import train as train_cli  # noqa: E402
+
+
+def run_script(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": "", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_every_recipe_dry_runs(name, capsys):
+    train_cli.main([f"recipes:{name}", "--dry-run"])
+    out = json.loads(capsys.readouterr().out)
+    cfg = recipes.load(name)
+    assert out["config"] == {**cfg.to_dict(), "dry_run": True}
+    assert out["params"] == deit.count_params(cfg.model)
+    assert out["flops"] == deit.forward_flops(cfg.model) > 0
+
+
+def test_recipe_values_match_seed():
+    seed = json.loads((ROOT.parent / "shared" / "seed" / "recipes.json").read_text()) \
+        if (ROOT.parent / "shared" / "seed" / "recipes.json").exists() else None
+    if seed is None:
+        pytest.skip("shared/seed not beside this checkout")
+    assert len(seed) == 33
+    for name, flags in seed.items():
+        flat = {}
+        for key, value in recipes.load(name).to_dict().items():
+            flat.update(value if isinstance(value, dict) else {key: value})
+        for k, v in flags.items():
+            assert flat[k] == v, (name, k)
+
+
+def test_dry_run_cli_and_overrides():
+    r = run_script("src/train.py", "recipes:deit3-h14-in1k", "--dry-run", "--learning-rate", "0.5", "--droppath", "0.1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["config"]["optim"]["learning_rate"] == 0.5
+    assert out["config"]["model"]["droppath"] == 0.1
+    # timm's deit3_huge_patch14_224 has 632,126,440; at 154 px the grid is 11x11, not 16x16.
+    assert out["params"] == 632126440 - (16 * 16 - 11 * 11) * 1280
+    assert out["config"]["optim"]["warmup_steps"] == 3127
+
+
+def test_bad_recipe_and_bad_value_exit_2():
+    assert run_script("src/train.py", "recipes:nope", "--dry-run").returncode == 2
+    assert run_script("src/train.py", "recipes:tiny-digits", "--image-size", "30", "--dry-run").returncode == 2
+
+
+def test_unset_dataset_env_is_a_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GCS_DATASET_DIR"}
+    r = subprocess.run([sys.executable, "src/train.py", "recipes:deit-t16-in1k", "--output-dir", str(tmp_path / "o")],
+                       cwd=ROOT, env={**env, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "$GCS_DATASET_DIR is not set" in r.stderr
+
+
+def test_short_training_run_resume_and_evaluate(tmp_path):
+    out = tmp_path / "run"
+    common = ["src/train.py", "recipes:tiny-digits", "--output-dir", str(out), "--log-interval", "5",
+              "--eval-interval", "10", "--no-progress", "--layers", "2", "--dim", "32", "--heads", "2"]
+    env = {"DEIT_CACHE": str(tmp_path / "cache")}
+    r = run_script(*common, "--training-steps", "10", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["model"]["layers"] == 2
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "train/loss" in e] == [5, 10]
+    val = [e for e in events if "val/acc1" in e]
+    assert len(val) == 1 and 0 <= val[0]["val/acc1"] <= 1 and val[0]["val/num_samples"] == 360
+    assert (tmp_path / ".aim").is_dir()  # aim repo beside the run by default
+
+    # The checkpoint is self-describing: deit.load_model rebuilds the model from it alone.
+    model = deit.load_model(out / "checkpoints" / "last")
+    assert model.cfg.layers == 2 and model.cfg.image_size == 32
+
+    # Resume: the same command with more steps continues from step 10.
+    r = run_script(*common, "--training-steps", "20", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout + r.stderr
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "train/loss" in e] == [5, 10, 15, 20]
+
+    r = run_script("src/evaluate.py", "--checkpoint", str(out / "checkpoints" / "last"),
+                   "--valid-dataset-shards", "digits:valid", "--valid-batch-size", "64", "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["num_samples"] == 360 and res["skipped"] == 0
+    last_val = [e for e in events if "val/acc1" in e][-1]
+    assert np.isclose(res["acc1"], last_val["val/acc1"]) and np.isclose(res["acc5"], last_val["val/acc5"])
+
+
+@pytest.mark.slow
+def test_tiny_digits_reaches_accuracy(tmp_path):
+    """The README quickstart's recipe: >= 97% val top-1 (the issue's bar) on this CPU."""
+    out = tmp_path / "digits"
+    r = run_script("src/train.py", "recipes:tiny-digits", "--output-dir", str(out), "--no-progress",
+                   env={"DEIT_CACHE": str(tmp_path / "cache")}, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert result["val/acc1"] >= 0.97, result
