@@ -506,10 +506,7 @@ def _mix_local(cfg: AugmentConfig, key, images, targets):
         lam = jnp.where(use_cut, lam_cut, lam)
     else:
         mixed = mixed_mix
-    t = lam * targets + (1.0 - lam) * partner_t
-    if cfg.criterion == "bce":
-        t = (t > 0).astype(jnp.float32)  # DeiT-III / deit3-jax: BCE against targets > 0
-    return mixed, t
+    return mixed, lam * targets + (1.0 - lam) * partner_t
 
 
 def mixup_cutmix(cfg: AugmentConfig, key: PRNGKeyArray, images: Float[Array, "b h w c"],
@@ -523,11 +520,11 @@ def mixup_cutmix(cfg: AugmentConfig, key: PRNGKeyArray, images: Float[Array, "b 
     cross-device traffic, and with the loader's layout (copy c of sample j at c * n + j) the
     repeated copies of a sample are never each other's partner unless the slice holds more than
     one copy. Without a sharded mesh the slice is the whole batch. Targets are mixed with the
-    same lam; with criterion 'bce' they are then binarised (> 0), as DeiT-III trains.
+    same lam and stay soft for both criteria: 'ce' targets carry the label smoothing of
+    `one_hot_targets`, 'bce' ones none, and the bce loss thresholds them (> 0) itself, as
+    deit3-jax and DeiT-III do (the soft weights still tell the dominant label to metrics).
     """
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        if cfg.criterion == "bce":
-            return images, (targets > 0).astype(jnp.float32)
         return images, targets
 
     return per_device(lambda index, k, x, t: _mix_local(cfg, jax.random.fold_in(k, index), x, t), (key,),
