@@ -6,14 +6,15 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from deit import checkpoint, data, optim, sharding
+from deit import checkpoint, data, finetune, optim, sharding
 from deit.config import Config
 from deit.model import ViT, forward_flops
 from deit.steps import TrainState, eval_step, init_state, make_train_step
@@ -59,7 +60,12 @@ def create_state(cfg: Config, mesh: jax.sharding.Mesh, tx) -> tuple[TrainState, 
     abstract, static = eqx.partition(eqx.filter_eval_shape(make), lambda x: isinstance(x, jax.ShapeDtypeStruct))
     shardings = sharding.state_shardings(mesh, abstract, cfg.model.layers)
     arrays = jax.jit(lambda: eqx.filter(make(), eqx.is_array), out_shardings=shardings)()
-    return eqx.combine(arrays, static), shardings
+    state = eqx.combine(arrays, static)
+    if cfg.pretrained_ckpt:  # fine-tune: the fresh model's structure, filled with pretrained weights
+        params, model_static = eqx.partition(finetune.load_pretrained(cfg, state.model), eqx.is_array)
+        build = lambda p: eqx.filter(init_state(eqx.combine(p, model_static), tx), eqx.is_array)
+        state = eqx.combine(jax.jit(build, out_shardings=shardings)(params), static)
+    return state, shardings
 
 
 def evaluate(model: ViT, batches: Iterator, mesh: jax.sharding.Mesh, progress: bool = False,

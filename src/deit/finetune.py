@@ -1,0 +1,159 @@
+"""Fine-tuning from a pretrained checkpoint, as deit3-jax's `load_pretrained_params`.
+
+The result always has the *target* model's structure and config (the fine-tune recipe's
+image size, labels, droppath, GELU); only the weights come from the pretrained model:
+- every array of the same shape is copied;
+- a learnable position grid of another size is resized bicubically (g x g -> g' x g');
+- the head: with a label mapping, rows dst take pretrained rows src and every other row
+  gets zero weight and bias -10 (so unmapped classes start near probability 0); without one,
+  a head of another size keeps the target's fresh initialisation.
+"""
+
+import json
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from deit.config import Config
+from deit.interop import load_model
+from deit.layers import Linear
+from deit.model import ViT
+from deit.recipes import RECIPES_DIR
+
+# Fields that change which weights exist or what they mean: no adaptation is possible.
+STRUCTURAL = ("dim", "layers", "heads", "patch_size", "layerscale", "pooling", "posemb", "distilled")
+UNMAPPED_BIAS = -10.0  # deit3-jax's bias for head rows without a pretrained source
+
+
+LABEL_MAPS_DIR = RECIPES_DIR / "label_maps"
+
+
+def check_label_mapping(mapping: dict, src_labels: int | None = None, dst_labels: int | None = None,
+                        what: str = "label_mapping") -> None:
+    """{"src": [...], "dst": [...]}: equal-length int lists, in range, dst without repeats."""
+    if not isinstance(mapping, dict) or not {"src", "dst"} <= set(mapping):
+        raise ValueError(f"{what}: expected a JSON object with 'src' and 'dst' lists")
+    src, dst = mapping["src"], mapping["dst"]
+    for name, xs in (("src", src), ("dst", dst)):
+        if not isinstance(xs, list):
+            raise ValueError(f"{what}: '{name}' is a {type(xs).__name__}, expected a list of ints")
+    if len(src) != len(dst):
+        raise ValueError(f"{what}: 'src' has {len(src)} entries but 'dst' has {len(dst)}")
+    for name, xs, limit in (("src", src, src_labels), ("dst", dst, dst_labels)):
+        for i, x in enumerate(xs):
+            # bool is an int subclass: reject it, it is never a class index.
+            if not isinstance(x, numbers.Integral) or isinstance(x, bool) or x < 0 or (limit is not None and x >= limit):
+                bound = f"an int in [0, {limit})" if limit is not None else "a non-negative int"
+                raise ValueError(f"{what}: {name}[{i}] = {x!r} is not {bound}")
+    seen: dict[int, int] = {}
+    for i, x in enumerate(dst):
+        if x in seen:  # two sources for one row would silently keep only the last
+            raise ValueError(f"{what}: dst[{i}] = {x} repeats dst[{seen[x]}]")
+        seen[x] = i
+
+
+def load_label_mapping(path: str | os.PathLike, *, src_labels: int | None = None,
+                       dst_labels: int | None = None) -> dict:
+    """Read and check a label-mapping JSON. A relative path that does not exist is looked up
+    in `recipes/label_maps/` (recipes name it bare, e.g. "in21k_to_in1k.json")."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (LABEL_MAPS_DIR / p).exists():
+        p = LABEL_MAPS_DIR / p
+    if not p.is_file():
+        where = f" (nor in {LABEL_MAPS_DIR})" if not Path(path).is_absolute() else ""
+        raise ValueError(f"label_mapping {str(path)!r}: no such file{where}")
+    try:
+        mapping = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"label_mapping {p}: not valid JSON: {e}") from None
+    check_label_mapping(mapping, src_labels, dst_labels, what=f"label_mapping {p}")
+    return {"src": mapping["src"], "dst": mapping["dst"]}
+
+
+def resize_pos_embed(pos: Float[Array, "n d"], grid: int) -> Float[Array, "m d"]:
+    """Bicubic resize of a row-major g x g position grid to grid x grid (deit3-jax's rule)."""
+    n, d = pos.shape
+    g = round(n**0.5)
+    if g * g != n:
+        raise ValueError(f"pos_embed has {n} rows: not a square grid")
+    if g == grid:
+        return pos  # exactly the same weights, not a resampled copy
+    out = jax.image.resize(pos.reshape(g, g, d).astype(jnp.float32), (grid, grid, d), "bicubic")
+    return out.reshape(grid * grid, d).astype(pos.dtype)
+
+
+def map_head(pretrained: Linear, target: Linear, mapping: dict) -> Linear:
+    """Rows dst of the new head take pretrained rows src; the rest get weight 0 and bias -10."""
+    src, dst = jnp.asarray(mapping["src"], jnp.int32), jnp.asarray(mapping["dst"], jnp.int32)
+    weight = jnp.zeros_like(target.weight).at[dst].set(pretrained.weight[src].astype(target.weight.dtype))
+    bias = jnp.full_like(target.bias, UNMAPPED_BIAS).at[dst].set(pretrained.bias[src].astype(target.bias.dtype))
+    return eqx.tree_at(lambda h: (h.weight, h.bias), target, (weight, bias))
+
+
+def adapt_head(pretrained: Linear | None, target: Linear | None, mapping: dict | None) -> Linear | None:
+    if target is None:
+        return None  # labels=0: the target wants features, not a head
+    if mapping is not None:
+        return map_head(pretrained, target, mapping)
+    if pretrained is None or pretrained.weight.shape != target.weight.shape:
+        return target  # another label set: deit3-jax keeps the fresh initialisation
+    return jax.tree.map(lambda p, t: p.astype(t.dtype), pretrained, target)
+
+
+def _path(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def adapt_pretrained(pretrained: ViT, target: ViT, label_mapping: dict | None = None) -> ViT:
+    """`target`'s structure and config filled with `pretrained`'s weights (see the module doc).
+
+    The config, GELU included, is the target's: a deit3-jax `.msgpack` loads with gelu='tanh'
+    (flax's default), but the fine-tune recipe says which GELU to train with, so it wins.
+    """
+    for field in STRUCTURAL:
+        a, b = getattr(pretrained.cfg, field), getattr(target.cfg, field)
+        if a != b:
+            raise ValueError(f"cannot fine-tune: pretrained {field}={a!r} but target {field}={b!r}")
+    if label_mapping is not None:
+        if target.head is None or pretrained.head is None:
+            which = "target" if target.head is None else "pretrained model"
+            raise ValueError(f"label_mapping needs a head on both models, but the {which} has labels=0")
+        check_label_mapping(label_mapping, pretrained.cfg.labels, target.cfg.labels)
+
+    source = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(pretrained)[0] if eqx.is_array(x)}
+
+    def take(path: tuple, leaf: Any) -> Any:
+        name = _path(path)
+        if not eqx.is_array(leaf) or name.startswith(("pos_embed", "head")):
+            return leaf  # not a weight, or adapted below
+        x = source.get(name)
+        if x is None or x.shape != leaf.shape:  # unreachable after the field check; a clear error if not
+            raise ValueError(f"cannot fine-tune: {name} is {None if x is None else x.shape} in the "
+                             f"pretrained model, expected {leaf.shape}")
+        return x.astype(leaf.dtype)
+
+    out = jax.tree_util.tree_map_with_path(take, target)
+    if target.pos_embed is not None:
+        out = eqx.tree_at(lambda m: m.pos_embed, out, resize_pos_embed(pretrained.pos_embed, target.cfg.grid))
+    if target.head is not None:
+        out = eqx.tree_at(lambda m: m.head, out, adapt_head(pretrained.head, target.head, label_mapping))
+    if target.head_dist is not None:
+        out = eqx.tree_at(lambda m: m.head_dist, out, adapt_head(pretrained.head_dist, target.head_dist, label_mapping))
+    return out
+
+
+def load_pretrained(cfg: Config, target: ViT) -> ViT:
+    """`target` filled from `cfg.pretrained_ckpt`, with `cfg.data.label_mapping` if set."""
+    # heads are not stored in timm files: the recipe's value is the only source.
+    pretrained = load_model(cfg.pretrained_ckpt, heads=cfg.model.heads)
+    mapping = None
+    if cfg.data.label_mapping:
+        mapping = load_label_mapping(cfg.data.label_mapping, src_labels=pretrained.cfg.labels,
+                                     dst_labels=cfg.model.labels)
+    return adapt_pretrained(pretrained, target, mapping)
