@@ -1,0 +1,17 @@
+"""`python src/benchmark.py SUBCOMMAND` prints one JSON object per run (tiny sizes here)."""
+
+import json
+
+import benchmark  # src/benchmark.py (conftest puts src/ on sys.path)
+
+
+def test_augment_subcommand_prints_one_json_object(capsys):
+    result = benchmark.main(["augment", "--batch", "4", "--size", "32", "--labels", "10", "--timm-images", "4",
+                             "--repeats", "1", "--timm-repeats", "1"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and json.loads(printed[0]) == result
+    assert result["benchmark"] == "augment" and set(result["policies"]) == {"deit", "deit3"}
+    for p in result["policies"].values():
+        assert p["device_images_per_s"] > 0 and p["timm_images_per_s_per_core"] > 0
+        assert 0 < p["fraction_of_train_step"]
+    assert result["train_step"]["ms"] > 0
