@@ -10,13 +10,15 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 import pytest
 
 import deit
 from deit import optim, recipes, sharding
 from deit.config import Config, ModelConfig, from_flat
-from deit.finetune import adapt_pretrained, load_label_mapping, resize_pos_embed
+from deit.finetune import adapt_pretrained, load_label_mapping, load_pretrained, resize_pos_embed
+from deit.interop import deit3_jax_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig(layers=2, dim=32, heads=2, labels=20, patch_size=4, image_size=16, layerscale=True)
@@ -138,17 +140,50 @@ def tiny_cfg(ckpt: Path, **model) -> Config:
                                pretrained_ckpt=str(ckpt))
 
 
+def deit3_jax_msgpack(cfg: ModelConfig, path: Path) -> None:
+    """Random deit3-jax params in flax's msgpack format (ndarrays as ext type 1)."""
+    rng, tree = np.random.default_rng(7), {}
+    for key, shape in deit3_jax_shapes(cfg).items():
+        *parents, leaf = ("model." + key).split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = rng.normal(0, 0.1, shape).astype(np.float32)
+    ext = lambda x: msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes()), use_bin_type=True))
+    path.write_bytes(msgpack.packb(tree, default=ext, use_bin_type=True))
+
+
+def test_load_pretrained_from_deit3_jax_with_mapping(tmp_path):
+    """The in21k -> in1k path in miniature: .msgpack (tanh GELU), bare mapping file name, new size."""
+    src_cfg = dataclasses.replace(SMALL, gelu="tanh")
+    deit3_jax_msgpack(src_cfg, tmp_path / "pre.msgpack")
+    (tmp_path / "map.json").write_text(json.dumps({"src": [3, 7, 11], "dst": [0, 1, 2]}))
+    target_cfg = dataclasses.replace(SMALL, labels=5, image_size=24)
+    cfg = Config(model=target_cfg, pretrained_ckpt=str(tmp_path / "pre.msgpack"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_mapping=str(tmp_path / "map.json")))
+    out = load_pretrained(cfg, random_model(target_cfg, seed=5))
+    pre = deit.load_model(tmp_path / "pre.msgpack")
+    assert pre.cfg.gelu == "tanh" and out.cfg == target_cfg  # the recipe's GELU ('exact') wins
+    np.testing.assert_array_equal(np.asarray(out.head.weight)[:3], np.asarray(pre.head.weight)[[3, 7, 11]])
+    np.testing.assert_array_equal(np.asarray(out.blocks.mlp.fc1.weight), np.asarray(pre.blocks.mlp.fc1.weight))
+    assert out.pos_embed.shape == (36, 32)
+    bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_mapping="in21k_to_in1k.json"))
+    with pytest.raises(ValueError, match=r"in21k_to_in1k.json: src\[0\] = 359 is not an int in \[0, 20\)"):
+        load_pretrained(bad, random_model(target_cfg, seed=5))
+
+
 def test_create_state_starts_from_the_checkpoint(tmp_path):
     from deit.trainer import create_state
 
-    pre = random_model(dataclasses.replace(SMALL, labels=10, layerscale=False), seed=4)
+    pre = random_model(dataclasses.replace(SMALL, labels=20, layerscale=False), seed=4)
     ckpt = deit.save_model(pre, tmp_path / "pre.safetensors")
-    cfg = tiny_cfg(ckpt)  # image 32 (grid 8) from a 16 px (grid 4) checkpoint
+    cfg = tiny_cfg(ckpt)  # image 32 (grid 8), 10 labels from a 16 px (grid 4), 20-label checkpoint
     mesh = sharding.make_mesh(2)
     opt = optim.build(cfg, skeleton(cfg.model))
     state, shardings = create_state(cfg, mesh, opt.tx)
     np.testing.assert_array_equal(np.asarray(state.model.blocks.attn.qkv.weight), np.asarray(pre.blocks.attn.qkv.weight))
-    np.testing.assert_array_equal(np.asarray(state.model.head.weight), np.asarray(pre.head.weight))
+    head = np.asarray(state.model.head.weight)  # re-initialised (trunc normal 0.02), not pretrained (0.1)
+    assert head.shape == (10, 32) and 0.01 < head.std() < 0.03
     assert state.model.pos_embed.shape == (64, 32)
     for leaf, s in zip(jax.tree.leaves(eqx.filter(state, eqx.is_array)), jax.tree.leaves(shardings), strict=True):
         assert leaf.sharding == s
@@ -159,11 +194,16 @@ def test_train_cli_fine_tunes_from_checkpoint(tmp_path):
     pre = random_model(dataclasses.replace(SMALL, labels=10, layerscale=False), seed=4)
     ckpt = deit.save_model(pre, tmp_path / "pre.safetensors")
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "src/train.py", "recipes:tiny-digits", "--training-steps", "2",
-                        "--eval-interval", "2", "--layers", "2", "--dim", "32", "--heads", "2",
-                        "--train-batch-size", "16", "--no-progress",
+    r = subprocess.run([sys.executable, "src/train.py", "recipes:tiny-digits", "--training-steps", "1",
+                        "--eval-interval", "1", "--layers", "2", "--dim", "32", "--heads", "2",
+                        "--train-batch-size", "16", "--random-crop", "none", "--no-progress",
+                        "--learning-rate", "0",  # the one step moves weights by ~1e-6 (warmup starts at 1e-6)
                         "--pretrained-ckpt", str(ckpt), "--output-dir", str(out)],
                        cwd=ROOT, env={**os.environ, "XLA_FLAGS": "", "DEIT_CACHE": str(tmp_path / "cache")},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "results.json").read_text())["step"] == 2
+    assert json.loads((out / "results.json").read_text())["step"] == 1
+    tuned = deit.load_model(out / "checkpoints" / "last")
+    assert tuned.cfg.image_size == 32 and tuned.pos_embed.shape == (64, 32)
+    np.testing.assert_allclose(np.asarray(tuned.blocks.attn.qkv.weight), np.asarray(pre.blocks.attn.qkv.weight), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(tuned.pos_embed), np.asarray(resize_pos_embed(pre.pos_embed, 8)), atol=1e-4)

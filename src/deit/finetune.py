@@ -29,8 +29,6 @@ from deit.recipes import RECIPES_DIR
 # Fields that change which weights exist or what they mean: no adaptation is possible.
 STRUCTURAL = ("dim", "layers", "heads", "patch_size", "layerscale", "pooling", "posemb", "distilled")
 UNMAPPED_BIAS = -10.0  # deit3-jax's bias for head rows without a pretrained source
-
-
 LABEL_MAPS_DIR = RECIPES_DIR / "label_maps"
 
 
@@ -97,6 +95,7 @@ def map_head(pretrained: Linear, target: Linear, mapping: dict) -> Linear:
 
 
 def adapt_head(pretrained: Linear | None, target: Linear | None, mapping: dict | None) -> Linear | None:
+    """deit3-jax's head rule: mapped if a mapping is given, else copied if the label count agrees."""
     if target is None:
         return None  # labels=0: the target wants features, not a head
     if mapping is not None:
