@@ -82,7 +82,7 @@ def test_digits_spec_prepares_cache_once(monkeypatch, tmp_path):
     urls = data.expand_shards("digits:valid")
     assert [u.rsplit("/", 1)[1] for u in urls] == ["digits-valid-0000.tar", "digits-valid-0001.tar"]
     assert all(u.startswith(str(tmp_path / "digits")) for u in urls)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no temp folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"digits-v{data.DIGITS_FORMAT}"]  # no temp folders left
 
 
 def test_train_batches_shapes_and_determinism(shards):

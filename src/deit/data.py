@@ -190,13 +190,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("DEIT_CACHE") or Path.home() / ".cache" / "deit")
 
 
+DIGITS_FORMAT = 2  # bump when the encoding of the digits shards changes: old caches are not reused
+
+
 def ensure_digits() -> Path:
     """The digits shard folder in the cache, prepared once; safe when processes race.
 
     Each process prepares into its own temp folder and renames it into place; a loser of the
     race (rename onto a non-empty folder fails) drops its copy.
     """
-    final = cache_root() / "digits"
+    final = cache_root() / f"digits-v{DIGITS_FORMAT}"
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
