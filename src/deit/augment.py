@@ -28,6 +28,7 @@ import functools
 import math
 import re
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,10 @@ Scalar = float | int | Float[Array, ""] | Int[Array, ""]
 
 # Mesh axes that shard the batch when the input's sharding does not say (Auto axes).
 DATA_AXES = ("data", "fsdp")
-# Images vmapped together per lax.map step on GPU/TPU (bounds the select temporaries).
+# How the per-image function runs over a device's images: "map" one image at a time (lax.map:
+# switch/cond run only the chosen branch; best on CPU), "vmap" chunks of ACCELERATOR_CHUNK images
+# vmapped (every branch runs, in parallel; best on GPU/TPU), "auto" picks by backend.
+PER_IMAGE: Literal["auto", "map", "vmap"] = "auto"
 ACCELERATOR_CHUNK = 64
 
 # ----------------------------------------------------------------------------- RandAugment
@@ -81,6 +85,9 @@ class RandAugment:
     ops: tuple[str, ...] = RAND_TRANSFORMS
     translate_pct: float = 0.45
     """TranslateXRel/YRel range as a fraction of the image side (timm's default)."""
+    interpolation: Literal["bilinear", "bicubic", "random"] = "random"
+    """Resampling of the geometric ops. timm draws bilinear or bicubic per op ('random') unless an
+    interpolation is configured: deit3-jax configures none, DeiT's timm configures 'bicubic'."""
 
     def __post_init__(self):
         unknown = [o for o in self.ops if o not in _OP_NAMES]
@@ -88,6 +95,8 @@ class RandAugment:
             raise ValueError(f"unknown RandAugment ops {unknown}; allowed: {sorted(_OP_NAMES)}")
         if self.num_layers < 0 or not 0 <= self.prob <= 1:
             raise ValueError(f"bad RandAugment n={self.num_layers} p={self.prob}")
+        if self.interpolation not in ("bilinear", "bicubic", "random"):
+            raise ValueError(f"interpolation={self.interpolation!r}: allowed 'bilinear', 'bicubic', 'random'")
 
 
 def parse_rand_augment(config: str) -> RandAugment:
@@ -174,10 +183,11 @@ def _geometric_coeffs(name: str, arg, h: int, w: int):
     return jnp.stack([one, zero, zero, zero, one, arg])  # TranslateY, TranslateYRel
 
 
-def apply_op(name: str, image: Image, arg: Scalar) -> Out:
+def apply_op(name: str, image: Image, arg: Scalar, resample: Literal["bilinear", "bicubic"] = "bilinear") -> Out:
     """Apply timm op `name` with its argument (as `op_argument` returns it)."""
     if name in _GEOMETRIC:
-        return affine(image, _geometric_coeffs(name, jnp.asarray(arg, jnp.float32), image.shape[0], image.shape[1]))
+        coeffs = _geometric_coeffs(name, jnp.asarray(arg, jnp.float32), image.shape[0], image.shape[1])
+        return affine(image, coeffs, resample=resample)
     base = name.removesuffix("Increasing").removesuffix("Original")
     if base == "AutoContrast":
         return auto_contrast(image)
@@ -200,8 +210,9 @@ _OP_NAMES = frozenset(RAND_TRANSFORMS + RAND_INCREASING_TRANSFORMS + ("Posterize
 
 
 def sample_rand_augment(ra: RandAugment, key: PRNGKeyArray) -> dict[str, jax.Array]:
-    """Per-layer random choices: op index, applied?, magnitude, sign (arrays of length num_layers)."""
-    k_op, k_apply, k_mag, k_neg = jax.random.split(key, 4)
+    """Per-layer random choices: op index, applied?, magnitude, sign, bicubic? (arrays of length
+    num_layers)."""
+    k_op, k_apply, k_mag, k_neg, k_interp = jax.random.split(key, 5)
     n = ra.num_layers
     if ra.magnitude_std == math.inf:
         mag = jax.random.uniform(k_mag, (n,), maxval=ra.magnitude)
@@ -214,42 +225,51 @@ def sample_rand_augment(ra: RandAugment, key: PRNGKeyArray) -> dict[str, jax.Arr
         apply=jax.random.uniform(k_apply, (n,)) < ra.prob,
         magnitude=jnp.clip(mag, 0.0, ra.magnitude_max),
         negate=jax.random.uniform(k_neg, (n,)) > 0.5,
+        bicubic=(jax.random.uniform(k_interp, (n,)) < 0.5 if ra.interpolation == "random"
+                 else jnp.full((n,), ra.interpolation == "bicubic")),
     )
 
 
 def apply_rand_augment(ra: RandAugment, params: dict[str, jax.Array], image: Image) -> Out:
     """Run the layers chosen by `sample_rand_augment`.
 
-    All geometric ops share one branch (one bilinear warp whose coefficients depend on the op),
-    so a vmapped switch runs one warp per layer, not five.
+    All geometric ops share a branch per resampling (one warp whose coefficients depend on the
+    op), so a vmapped switch runs one or two warps per layer, not five or ten.
     """
     x = image.astype(jnp.float32)
     h, w = x.shape[0], x.shape[1]
     geo = [i for i, o in enumerate(ra.ops) if o in _GEOMETRIC]
     colour = [i for i, o in enumerate(ra.ops) if o not in _GEOMETRIC]
-    branch_of = [0] * len(ra.ops)  # 0: identity, 1: warp, 2..: colour ops
-    for j, i in enumerate(colour):
-        branch_of[i] = 2 + j
-    for i in geo:
-        branch_of[i] = 1
+    resamples = {"random": ("bilinear", "bicubic")}.get(ra.interpolation, (ra.interpolation,)) if geo else ()
+
+    def warp(resample):
+        def branch(img, i, mag, neg):
+            table = jnp.stack([_geometric_coeffs(ra.ops[g], op_argument(ra.ops[g], mag, neg, h, w, ra.translate_pct),
+                                                 h, w) for g in geo])
+            pos = jnp.asarray([geo.index(g) if g in geo else 0 for g in range(len(ra.ops))])[i]
+            return affine(img, table[pos], resample=resample)
+        return branch
+
+    def colour_op(name):
+        def branch(img, i, mag, neg):
+            return apply_op(name, img, op_argument(name, mag, neg, h, w, ra.translate_pct))
+        return branch
+
+    # branch 0: identity, then the warps, then one per colour op
+    branches = [lambda img, i, mag, neg: img] + [warp(r) for r in resamples] + [colour_op(ra.ops[c]) for c in colour]
+    branch_of = [0] * len(ra.ops)
+    for j, c in enumerate(colour):
+        branch_of[c] = 1 + len(resamples) + j
+    for g in geo:
+        branch_of[g] = 1
     branch_of = jnp.asarray(branch_of)
-
-    def args(i, mag, neg):
-        return jnp.stack([op_argument(o, mag, neg, h, w, ra.translate_pct) for o in ra.ops])[i]
-
-    def warp(img, i, mag, neg):
-        if not geo:
-            return img
-        table = jnp.stack([_geometric_coeffs(ra.ops[g], op_argument(ra.ops[g], mag, neg, h, w, ra.translate_pct), h, w)
-                           for g in geo])
-        pos = jnp.asarray([geo.index(g) if g in geo else 0 for g in range(len(ra.ops))])[i]
-        return affine(img, table[pos])
-
-    branches = [lambda img, i, mag, neg: img, warp] + [
-        (lambda name: lambda img, i, mag, neg: apply_op(name, img, args(i, mag, neg)))(ra.ops[c]) for c in colour]
+    is_geo = jnp.asarray([o in _GEOMETRIC for o in ra.ops])
     for layer in range(ra.num_layers):
         i = params["op"][layer]
-        b = jnp.where(params["apply"][layer], branch_of[i], 0)
+        b = branch_of[i]
+        if len(resamples) == 2:
+            b = b + (is_geo[i] & params["bicubic"][layer])
+        b = jnp.where(params["apply"][layer], b, 0)
         x = jax.lax.switch(b, branches, x, i, params["magnitude"][layer], params["negate"][layer])
     return x
 
@@ -434,7 +454,8 @@ def per_device(fn: Callable, replicated: tuple, sharded: tuple):
 
 
 def _map_images(fn, keys, images):
-    chunk = None if jax.default_backend() == "cpu" else min(ACCELERATOR_CHUNK, images.shape[0])
+    mode = PER_IMAGE if PER_IMAGE != "auto" else ("map" if jax.default_backend() == "cpu" else "vmap")
+    chunk = None if mode == "map" else min(ACCELERATOR_CHUNK, images.shape[0])
     return jax.lax.map(lambda a: fn(*a), (keys, images), batch_size=chunk)
 
 

@@ -18,12 +18,13 @@ Facts of PIL the ops reproduce (Pillow's libImaging, read not copied):
   edge pixels repeated, 24-bit fixed-point weights, rounded to uint8 after every pass.
 - `ImageOps.equalize`, `autocontrast`, `posterize`, `solarize`, `invert`: per-channel LUTs.
 
-Geometric ops use bilinear resampling. timm draws bilinear or bicubic at random per op unless an
-interpolation is configured (DeiT's timm configures bicubic); bilinear is what we implement
-(4 taps instead of 16) and what the faithfulness tests compare against.
+Geometric ops resample bilinearly (4 taps) or bicubically (16 taps, PIL's a = -1 kernel). timm
+draws one of the two at random per op unless an interpolation is configured (DeiT's timm
+configures bicubic; deit3-jax leaves it random); see `RandAugment.interpolation`.
 """
 
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -176,12 +177,21 @@ def sharpness(image: Image, factor: Scalar) -> Out:
 # ----------------------------------------------------------------------------- geometric ops
 
 
-def affine(image: Image, coeffs: Float[Array, "6"] | tuple[int | float, ...],
-           fill: Fill = FILL) -> Out:
-    """PIL Image.transform(size, AFFINE, coeffs, BILINEAR, fillcolor=fill).
+def _cubic(v1, v2, v3, v4, d):
+    """PIL's BICUBIC macro: the a = -1 cubic convolution through v1..v4 at v2 + d."""
+    p2 = v3 - v1
+    p3 = 2.0 * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def affine(image: Image, coeffs: Float[Array, "6"] | tuple[int | float, ...], fill: Fill = FILL,
+           resample: Literal["bilinear", "bicubic"] = "bilinear") -> Out:
+    """PIL Image.transform(size, AFFINE, coeffs, BILINEAR or BICUBIC, fillcolor=fill).
 
     coeffs (a, b, c, d, e, f) map an output pixel centre (x, y) to the input point
-    (a x + b y + c, d x + e y + f) (PIL's inverse-mapping convention).
+    (a x + b y + c, d x + e y + f) (PIL's inverse-mapping convention). Neighbours outside the
+    image are clamped to its edge; the result is truncated to an integer level, as PIL does.
     """
     x = _f32(image)
     h, w = x.shape[0], x.shape[1]
@@ -199,16 +209,21 @@ def affine(image: Image, coeffs: Float[Array, "6"] | tuple[int | float, ...],
     x0, y0 = jnp.floor(xf), jnp.floor(yf)
     dx, dy = (xf - x0)[..., None], (yf - y0)[..., None]
     x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-    xa, xb = jnp.clip(x0, 0, w - 1), jnp.clip(x0 + 1, 0, w - 1)
-    ya, yb = jnp.clip(y0, 0, h - 1), jnp.clip(y0 + 1, 0, h - 1)
     flat = x.reshape(h * w, 3)
 
-    def tap(yy, xx):  # one flat row gather per corner: far cheaper on XLA:CPU than map_coordinates
+    def tap(i, j):  # one flat row gather per tap: far cheaper on XLA:CPU than map_coordinates
+        yy, xx = jnp.clip(y0 + i, 0, h - 1), jnp.clip(x0 + j, 0, w - 1)
         return jnp.take(flat, (yy * w + xx).reshape(-1), axis=0, mode="clip").reshape(h, w, 3)
 
-    top = tap(ya, xa) + (tap(ya, xb) - tap(ya, xa)) * dx
-    bottom = tap(yb, xa) + (tap(yb, xb) - tap(yb, xa)) * dx
-    v = jnp.trunc(top + (bottom - top) * dy)
+    if resample == "bilinear":
+        top = tap(0, 0) + (tap(0, 1) - tap(0, 0)) * dx
+        bottom = tap(1, 0) + (tap(1, 1) - tap(1, 0)) * dx
+        v = jnp.trunc(top + (bottom - top) * dy)
+    elif resample == "bicubic":
+        rows = [_cubic(*(tap(i, j) for j in (-1, 0, 1, 2)), dx) for i in (-1, 0, 1, 2)]
+        v = jnp.trunc(jnp.clip(_cubic(*rows, dy), 0.0, 255.0))
+    else:
+        raise ValueError(f"resample={resample!r}: allowed 'bilinear', 'bicubic'")
     return jnp.where(inside[..., None], v, jnp.asarray(fill, jnp.float32))
 
 
@@ -220,30 +235,33 @@ def rotate_coeffs(degrees: Scalar, h: int, w: int) -> Float[Array, "6"]:
     return jnp.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
 
 
-def rotate(image: Image, degrees: Scalar, fill: Fill = FILL) -> Out:
-    """PIL Image.rotate(degrees, BILINEAR, fillcolor=fill): counter-clockwise, same size."""
-    return affine(image, rotate_coeffs(degrees, image.shape[0], image.shape[1]), fill)
+Resample = Literal["bilinear", "bicubic"]
+
+
+def rotate(image: Image, degrees: Scalar, fill: Fill = FILL, resample: Resample = "bilinear") -> Out:
+    """PIL Image.rotate(degrees, resample, fillcolor=fill): counter-clockwise, same size."""
+    return affine(image, rotate_coeffs(degrees, image.shape[0], image.shape[1]), fill, resample)
 
 
 def _coeffs(*v: Scalar) -> Float[Array, "6"]:
     return jnp.stack([jnp.asarray(x, jnp.float32) for x in v])
 
 
-def shear_x(image: Image, factor: Scalar, fill: Fill = FILL) -> Out:
-    return affine(image, _coeffs(1, factor, 0, 0, 1, 0), fill)
+def shear_x(image: Image, factor: Scalar, fill: Fill = FILL, resample: Resample = "bilinear") -> Out:
+    return affine(image, _coeffs(1, factor, 0, 0, 1, 0), fill, resample)
 
 
-def shear_y(image: Image, factor: Scalar, fill: Fill = FILL) -> Out:
-    return affine(image, _coeffs(1, 0, 0, factor, 1, 0), fill)
+def shear_y(image: Image, factor: Scalar, fill: Fill = FILL, resample: Resample = "bilinear") -> Out:
+    return affine(image, _coeffs(1, 0, 0, factor, 1, 0), fill, resample)
 
 
-def translate_x(image: Image, pixels: Scalar, fill: Fill = FILL) -> Out:
+def translate_x(image: Image, pixels: Scalar, fill: Fill = FILL, resample: Resample = "bilinear") -> Out:
     """timm translate_x_abs: the content moves left by `pixels` (PIL's inverse map)."""
-    return affine(image, _coeffs(1, 0, pixels, 0, 1, 0), fill)
+    return affine(image, _coeffs(1, 0, pixels, 0, 1, 0), fill, resample)
 
 
-def translate_y(image: Image, pixels: Scalar, fill: Fill = FILL) -> Out:
-    return affine(image, _coeffs(1, 0, 0, 0, 1, pixels), fill)
+def translate_y(image: Image, pixels: Scalar, fill: Fill = FILL, resample: Resample = "bilinear") -> Out:
+    return affine(image, _coeffs(1, 0, 0, 0, 1, pixels), fill, resample)
 
 
 def hflip(image: Image) -> Out:
