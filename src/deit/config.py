@@ -125,6 +125,24 @@ class OptimConfig:
     grad_accum: int = 1
     warmup_steps: int = 0
     training_steps: int = 1000
+    scale_lr: bool = False
+    """timm's rule: peak lr = learning_rate x train_batch_size / 512 (off: deit3-jax's recipes give the peak)."""
+    model_ema: bool = False
+    """Keep an exponential moving average of the weights; evaluated (val_ema/*) and checkpointed."""
+    model_ema_decay: float = 0.99996
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Forward/backward precision; parameters and optimiser state stay float32."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """DeiT distillation (needs `distilled=True` on the student)."""
+
+    distillation_type: Literal["none", "soft", "hard"] = "none"
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
+    teacher_ckpt: str | None = None
+    """Teacher weights, anything deit.load_model reads."""
 
 
 Flat = tyro.conf.OmitArgPrefixes
@@ -136,6 +154,7 @@ class Config:
     data: Annotated[DataConfig, Flat] = DataConfig()
     augment: Annotated[AugmentConfig, Flat] = AugmentConfig()
     optim: Annotated[OptimConfig, Flat] = OptimConfig()
+    distill: Annotated[DistillConfig, Flat] = DistillConfig()
     fsdp: int = 1
     """Size of the mesh's `fsdp` axis (parameters sharded over it); the rest of the devices form `data`."""
     init_seed: int = 1
@@ -149,6 +168,8 @@ class Config:
     """Aim repository folder; default `<output-dir>/..` so runs of one folder are compared."""
     progress: bool = True
     """Show progress bars."""
+    eval_only: bool = False
+    """Evaluate `pretrained_ckpt` (or the run's last checkpoint), print JSON, and exit."""
     dry_run: bool = False
     """Print the resolved config, parameter count and forward FLOPs as JSON, then exit."""
 
@@ -159,7 +180,8 @@ class Config:
         return json.dumps(self.to_dict(), **kw)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig,
+            "distill": DistillConfig}
 
 
 def from_flat(flat: dict[str, Any], base: Config = Config()) -> Config:

@@ -73,10 +73,14 @@ def layer_scales(model: ViT, lr_decay: float) -> Any:
     return jax.tree.map(scale, param_labels(model), params)
 
 
-def schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Warmup from 1e-6 to the peak over `warmup_steps`, cosine to 1e-5 at `training_steps`."""
+def schedule(cfg: OptimConfig, batch_size: int = 512) -> optax.Schedule:
+    """Warmup from 1e-6 to the peak over `warmup_steps`, cosine to 1e-5 at `training_steps`.
+
+    The peak is `learning_rate`, or `learning_rate * batch_size / 512` with `scale_lr`.
+    """
+    peak = cfg.learning_rate * (batch_size / 512 if cfg.scale_lr else 1.0)
     return optax.warmup_cosine_decay_schedule(
-        init_value=1e-6, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        init_value=1e-6, peak_value=peak, warmup_steps=cfg.warmup_steps,
         decay_steps=max(cfg.training_steps, cfg.warmup_steps + 1), end_value=1e-5)
 
 
@@ -109,10 +113,10 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(cfg: OptimConfig, model: ViT) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, model: ViT, batch_size: int = 512) -> optax.GradientTransformation:
     """adamw or deit3-jax's lamb (trust ratio on decayed kernels only), + clip and layer decay."""
     mask = decay_mask(model)
-    lr = schedule(cfg)
+    lr = schedule(cfg, batch_size)
     parts = []
     if cfg.clip_grad > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad))
@@ -134,4 +138,5 @@ class Optimizer(NamedTuple):
 
 
 def build(cfg: Config, model: ViT) -> Optimizer:
-    return Optimizer(make_optimizer(cfg.optim, model), schedule(cfg.optim))
+    b = cfg.data.train_batch_size
+    return Optimizer(make_optimizer(cfg.optim, model, b), schedule(cfg.optim, b))

@@ -5,7 +5,8 @@ one compiled step serves the whole run. RNG keys are derived by folding the step
 recipe's seeds: nothing random is carried, and a resumed run draws the same numbers.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -22,10 +23,37 @@ class TrainState(eqx.Module):
     model: ViT
     opt_state: Any
     step: Int[Array, ""]
+    ema: ViT | None = None
 
 
-def init_state(model: ViT, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(model, tx.init(eqx.filter(model, eqx.is_array)), jnp.zeros((), jnp.int32))
+def init_state(model: ViT, tx: optax.GradientTransformation, ema: bool = False) -> TrainState:
+    return TrainState(model, tx.init(eqx.filter(model, eqx.is_array)), jnp.zeros((), jnp.int32),
+                      model if ema else None)
+
+
+def ema_update(ema: ViT, model: ViT, decay: float) -> ViT:
+    """ema <- decay * ema + (1 - decay) * model, over the float arrays."""
+    e, static = eqx.partition(ema, eqx.is_inexact_array)
+    m = eqx.filter(model, eqx.is_inexact_array)
+    return eqx.combine(jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, e, m), static)
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
+
+
+def distillation_loss(kind: str, dist_logits: Float[Array, "b c"], teacher_logits: Float[Array, "b c"],
+                      tau: float) -> Float[Array, ""]:
+    """DeiT's distillation term. soft: KL(teacher || student) at temperature tau, scaled by
+    tau^2 and divided by the number of logits (as the original); hard: CE against teacher argmax."""
+    dist_logits, teacher_logits = dist_logits.astype(jnp.float32), teacher_logits.astype(jnp.float32)
+    if kind == "soft":
+        s = jax.nn.log_softmax(dist_logits / tau, -1)
+        t = jax.nn.log_softmax(teacher_logits / tau, -1)
+        return (jnp.exp(t) * (t - s)).sum() * tau**2 / dist_logits.size
+    if kind == "hard":
+        return optax.softmax_cross_entropy_with_integer_labels(dist_logits, teacher_logits.argmax(-1)).mean()
+    raise ValueError(f"distillation_type={kind!r}: allowed 'soft', 'hard'")
 
 
 def criterion_loss(criterion: str, logits: Float[Array, "b c"], targets: Float[Array, "b c"]) -> Float[Array, " b"]:
@@ -50,28 +78,44 @@ def topk_correct(logits: Float[Array, "b c"], targets: Float[Array, "b c"]) -> t
 
 def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     state_shardings: Any = None) -> Callable:
+    """step(state, images, labels, teacher=None) -> (state, metrics), jitted, state donated."""
     num_labels, accum = cfg.model.labels, cfg.optim.grad_accum
+    dtype = jnp.bfloat16 if cfg.optim.compute_dtype == "bfloat16" else jnp.float32
+    distill = cfg.distill
 
-    def loss_fn(model: ViT, x, t, key):
-        logits = model(x, key=key)
-        loss = criterion_loss(cfg.augment.criterion, logits, t).mean()
-        return loss, logits
+    def loss_fn(model: ViT, x, t, key, teacher_logits):
+        # bf16 compute: cast weights and inputs; gradients flow back to the f32 parameters.
+        model, x = cast_floats(model, dtype), x.astype(dtype)
+        if teacher_logits is None:
+            logits = model(x, key=key)
+            loss = criterion_loss(cfg.augment.criterion, logits, t).mean()
+        else:
+            logits, dist_logits = model.forward_heads(x, key=key)
+            base = criterion_loss(cfg.augment.criterion, logits, t).mean()
+            kd = distillation_loss(distill.distillation_type, dist_logits, teacher_logits, distill.distillation_tau)
+            loss = (1 - distill.distillation_alpha) * base + distill.distillation_alpha * kd
+            logits = (logits + dist_logits) / 2
+        return loss, logits.astype(jnp.float32)
 
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
 
-    def step_fn(state: TrainState, images: UInt8[Array, "b h w 3"], labels: Int[Array, " b"]):
+    def step_fn(state: TrainState, images: UInt8[Array, "b h w 3"], labels: Int[Array, " b"],
+                teacher: ViT | None = None):
         k_aug, k_mix = jax.random.split(jax.random.fold_in(jax.random.key(cfg.augment.mixup_seed), state.step))
         k_drop = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
         x = augment.train_transform(cfg.augment, k_aug, images)
         t = augment.one_hot_targets(cfg.augment, labels, num_labels)
         x, t = augment.mixup_cutmix(cfg.augment, k_mix, x, t)
+        # The teacher sees the same mixed inputs as the student (DeiT), in eval mode.
+        t_logits = None if teacher is None else jax.lax.stop_gradient(eqx.nn.inference_mode(teacher)(x))
 
         if accum == 1:
-            (loss, logits), grads = grad_fn(state.model, x, t, k_drop)
+            (loss, logits), grads = grad_fn(state.model, x, t, k_drop, t_logits)
         else:
             # Micro-batches in a scan: activation memory of one micro-batch, one update per step.
-            xs = x.reshape(accum, -1, *x.shape[1:])
-            ts = t.reshape(accum, -1, t.shape[-1])
+            def split(a):
+                return None if a is None else a.reshape(accum, -1, *a.shape[1:])
+
             keys = jax.random.split(k_drop, accum)
             zeros = jax.tree.map(jnp.zeros_like, eqx.filter(state.model, eqx.is_array))
 
@@ -79,7 +123,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
                 (l, lg), g = grad_fn(state.model, *inp)
                 return jax.tree.map(jnp.add, acc, g), (l, lg)
 
-            grads, (losses, logits) = jax.lax.scan(micro, zeros, (xs, ts, keys))
+            grads, (losses, logits) = jax.lax.scan(micro, zeros, (split(x), split(t), keys, split(t_logits)))
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss, logits = losses.mean(), logits.reshape(-1, logits.shape[-1])
 
@@ -88,8 +132,9 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
         model = eqx.apply_updates(state.model, updates)
         acc1, acc5 = topk_correct(logits, t)
         metrics = {"loss": loss, "acc1": acc1.mean(), "acc5": acc5.mean(),
-                   "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
-        new = TrainState(model, opt_state, state.step + 1)
+                   "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+        ema = None if state.ema is None else ema_update(state.ema, model, cfg.optim.model_ema_decay)
+        new = TrainState(model, opt_state, state.step + 1, ema)
         if state_shardings is not None:
             arrays, static = eqx.partition(new, eqx.is_array)
             new = eqx.combine(jax.lax.with_sharding_constraint(arrays, state_shardings), static)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from deit import checkpoint, data, finetune, optim, sharding
 from deit.config import Config
+from deit.interop import load_model
 from deit.model import ViT, forward_flops
 from deit.steps import TrainState, eval_step, init_state, make_train_step
 from deit.tracking import Tracker
@@ -54,8 +55,10 @@ def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
 
 def create_state(cfg: Config, mesh: jax.sharding.Mesh, tx) -> tuple[TrainState, Any]:
     """The train state created directly in its shardings (no full host copy for big models)."""
+    ema = cfg.optim.model_ema
+
     def make() -> TrainState:
-        return init_state(ViT(cfg.model, key=jax.random.key(cfg.init_seed)), tx)
+        return init_state(ViT(cfg.model, key=jax.random.key(cfg.init_seed)), tx, ema)
 
     abstract, static = eqx.partition(eqx.filter_eval_shape(make), lambda x: isinstance(x, jax.ShapeDtypeStruct))
     shardings = sharding.state_shardings(mesh, abstract, cfg.model.layers)
@@ -63,7 +66,7 @@ def create_state(cfg: Config, mesh: jax.sharding.Mesh, tx) -> tuple[TrainState, 
     state = eqx.combine(arrays, static)
     if cfg.pretrained_ckpt:  # fine-tune: the fresh model's structure, filled with pretrained weights
         params, model_static = eqx.partition(finetune.load_pretrained(cfg, state.model), eqx.is_array)
-        build = lambda p: eqx.filter(init_state(eqx.combine(p, model_static), tx), eqx.is_array)
+        build = lambda p: eqx.filter(init_state(eqx.combine(p, model_static), tx, ema), eqx.is_array)
         state = eqx.combine(jax.jit(build, out_shardings=shardings)(params), static)
     return state, shardings
 
@@ -80,6 +83,38 @@ def evaluate(model: ViT, batches: Iterator, mesh: jax.sharding.Mesh, progress: b
     if n == 0:
         raise ValueError("validation produced no samples")
     return {"acc1": totals["acc1"] / n, "acc5": totals["acc5"] / n, "loss": totals["loss"] / n, "num_samples": int(n)}
+
+
+def load_teacher(cfg: Config, mesh: jax.sharding.Mesh) -> ViT | None:
+    """The distillation teacher, replicated; None without distillation."""
+    d = cfg.distill
+    if d.distillation_type == "none":
+        return None
+    if not cfg.model.distilled:
+        raise ValueError(f"distillation_type={d.distillation_type!r} needs a distilled student (--distilled)")
+    if not d.teacher_ckpt:
+        raise ValueError(f"distillation_type={d.distillation_type!r} needs --teacher-ckpt")
+    teacher = load_model(resolve_env("teacher_ckpt", d.teacher_ckpt))
+    if teacher.cfg.labels != cfg.model.labels:
+        raise ValueError(f"teacher_ckpt={d.teacher_ckpt!r} has labels={teacher.cfg.labels}, "
+                         f"the student {cfg.model.labels}")
+    if teacher.cfg.image_size != cfg.model.image_size and teacher.cfg.posemb == "learnable":
+        teacher = finetune.adapt_pretrained(teacher, ViT(dataclasses.replace(teacher.cfg, image_size=cfg.model.image_size),
+                                                         key=jax.random.key(0)))
+    return jax.device_put(teacher, sharding.replicated(mesh))
+
+
+def eval_only(cfg: Config, state: TrainState, mesh: jax.sharding.Mesh) -> dict[str, float]:
+    """Evaluate the run's model (pretrained or resumed) once; print and return the metrics."""
+    batches = data.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+        val = evaluate(state.model, batches, mesh, progress=cfg.progress and jax.process_index() == 0)
+    finally:
+        batches.close()
+    results = {f"val/{k}": v for k, v in val.items()} | {"val/skipped": float(batches.skipped)}
+    if jax.process_index() == 0:
+        print(json.dumps({"step": int(state.step), **results}), flush=True)
+    return results
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -104,6 +139,9 @@ def train(cfg: Config) -> dict[str, float]:
             loader_state = meta.get("loader_state")  # exact; otherwise replay the stream to the step
         print(f"resumed from {last} at step {int(state.step)}", flush=True)
 
+    if cfg.eval_only:
+        return eval_only(cfg, state, mesh)
+    teacher = load_teacher(cfg, mesh)
     train_step = make_train_step(cfg, opt.tx, opt.schedule, shardings)
     start = int(state.step)
     total = cfg.optim.training_steps
@@ -119,7 +157,7 @@ def train(cfg: Config) -> dict[str, float]:
     try:
         for step in range(start, total):
             images, labels = next(batches)
-            state, metrics = train_step(state, *sharding.shard_batch(mesh, images, labels))
+            state, metrics = train_step(state, *sharding.shard_batch(mesh, images, labels), teacher)
             window.append(metrics)
             n_window += cfg.data.train_batch_size
             done = step + 1
@@ -140,6 +178,10 @@ def train(cfg: Config) -> dict[str, float]:
                                                                 process_count=jax.process_count()),
                                mesh, progress=cfg.progress and jax.process_index() == 0)
                 results = {f"val/{k}": v for k, v in val.items()}
+                if state.ema is not None:
+                    val_ema = evaluate(state.ema, data.valid_batches(cfg, process_index=jax.process_index(),
+                                                                     process_count=jax.process_count()), mesh)
+                    results.update({f"val_ema/{k}": v for k, v in val_ema.items()})
                 tracker.log(done, results)
                 bar.write(f"step {done}: val acc1 {val['acc1']:.4f} acc5 {val['acc5']:.4f} "
                           f"loss {val['loss']:.4f} ({val['num_samples']} samples)")
