@@ -5,6 +5,10 @@ Subcommands:
             + color jitter + Mixup/CutMix) on-device train transforms, of timm's PIL transforms
             for the same policies (one core), and the device transform's cost as a fraction of a
             ViT-Ti/16 train step (AdamW, softmax CE) on the same device.
+  loader    host images/s (total and per core) of our train loader (tar read, shuffle, JPEG
+            decode, RandomResizedCrop, batching) next to timm's PIL train pipeline (decode,
+            RandomResizedCrop, flip, RandAugment, ToTensor, Normalize) over the same JPEG bytes,
+            one process, and their ratio per core. Without --shards: skimage photos as shards.
 
 Add a subcommand: write `cmd_NAME(args) -> dict` and register its options in `SUBCOMMANDS`.
 """
@@ -47,6 +51,19 @@ POLICIES = {
 }
 
 
+def _patch_timm_posterize() -> None:
+    """Pillow >= 10 rejects posterize(bits=0), which timm's PosterizeIncreasing asks for at
+    magnitude 10; keep the old behaviour (black) so the benchmark does not crash."""
+    from PIL import Image
+    from timm.data import auto_augment as taa
+
+    def posterize(img, bits, **_):
+        return Image.new(img.mode, img.size, 0) if bits <= 0 else taa.posterize(img, bits)
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        taa.NAME_TO_OP[name] = posterize
+
+
 def _timm_transform(policy: str, size: int):
     """timm / torchvision's PIL train transform after the crop (the host crops in both designs)."""
     import torch
@@ -55,13 +72,7 @@ def _timm_transform(policy: str, size: int):
     from timm.data import auto_augment as taa
     from timm.data.random_erasing import RandomErasing
 
-    # Pillow >= 10 rejects posterize(bits=0), which timm's PosterizeIncreasing asks for at
-    # magnitude 10; keep the old behaviour (black) so the benchmark does not crash.
-    def posterize(img, bits, **_):
-        return Image.new(img.mode, img.size, 0) if bits <= 0 else taa.posterize(img, bits)
-
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        taa.NAME_TO_OP[name] = posterize
+    _patch_timm_posterize()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
                    interpolation=Image.Resampling.BICUBIC)
@@ -174,6 +185,108 @@ def cmd_augment(args: argparse.Namespace) -> dict:
     return out
 
 
+def _timm_train_pipeline(size: int):
+    """timm's DeiT train transform on PIL images, as timm's create_transform(is_training=True,
+    auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic') builds it, without erasing."""
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+    from timm.data import auto_augment as taa
+
+    _patch_timm_posterize()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                   interpolation=Image.Resampling.BICUBIC)
+    return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), taa.rand_augment_transform("rand-m9-mstd0.5-inc1", hparams),
+                      T.ToTensor(), T.Normalize(mean, std)]), torch
+
+
+# The JPEG decoder both sides use. We decode with PIL (Pillow's libjpeg-turbo) at full
+# resolution: it is the fastest CPU JPEG decoder at hand and the one timm's ImageFolder uses,
+# so the ratio measures the pipelines, not the decoders. No Image.draft (DCT-domain 1/2, 1/4,
+# 1/8 decoding): it only keeps the crop's pixels exact where the RandomResizedCrop box is at
+# least 2x the output on both sides, which a 224 crop of a 500x375 image never is (the short
+# side is < 448), so it would buy nothing on ImageNet-sized photos.
+def _jpeg_decoder() -> str:
+    import PIL
+    from PIL import features
+
+    turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
+    return f"PIL {PIL.__version__} ({turbo} {features.version('jpg')}), full-resolution decode, no draft"
+
+
+def cmd_loader(args: argparse.Namespace) -> dict:
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    from deit import data, loader_bench
+
+    tmp = None
+    spec = args.shards
+    if spec is None:
+        tmp = tempfile.TemporaryDirectory(prefix="deit-loader-bench-")
+        t0 = time.perf_counter()
+        spec = loader_bench.photo_shards(tmp.name, args.count, size=(500, 375), quality=90)
+        build_s = time.perf_counter() - t0
+    try:
+        urls = data.expand_shards(spec)
+        files = [r.image for r in data.shard_records(urls, range(len(urls)), 0) if r.image is not None]
+        if not files:
+            raise ValueError(f"shard spec {spec!r} holds no images")
+        sizes = []
+        for b in files[:200]:
+            with Image.open(io.BytesIO(b)) as im:
+                sizes.append(im.size)
+        tf, torch = _timm_train_pipeline(args.size)
+        torch.set_num_threads(1)
+        per_round = args.batches * args.batch
+
+        def ours() -> float:
+            r = loader_bench.benchmark_loader(spec, image_size=args.size, batch_size=args.batch, workers=args.workers,
+                                              batches=args.batches, warmup=args.warmup,
+                                              shuffle_buffer=args.shuffle_buffer)
+            return r["images_per_s"]
+
+        def timm(i: int) -> float:
+            t0 = time.perf_counter()
+            for j in range(per_round):
+                # as timm's ImageFolder loader: PIL open + convert('RGB'), from the same tar bytes
+                tf(Image.open(io.BytesIO(files[(i * per_round + j) % len(files)])).convert("RGB"))
+            return per_round / (time.perf_counter() - t0)
+
+        timm(-1) if args.rounds > 1 else None  # warm-up (imports, first-call costs)
+        ours_r, timm_r = [], []
+        for i in range(args.rounds):  # interleaved: load from other processes hits both alike
+            ours_r.append(ours())
+            timm_r.append(timm(i))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    ours_ips, timm_ips = statistics.median(ours_r), statistics.median(timm_r)
+    cores = max(1, args.workers)
+    out = dict(benchmark="loader", shards=args.shards or f"generated: {args.count} skimage JPEGs, q90",
+               images=len(files), mean_jpeg_bytes=round(sum(map(len, files)) / len(files)),
+               source_size=[round(statistics.mean(s[0] for s in sizes)), round(statistics.mean(s[1] for s in sizes))],
+               image_size=args.size, batch_size=args.batch, batches_per_round=args.batches, rounds=args.rounds,
+               workers=args.workers, cores_used=cores, cpu=platform.processor() or platform.machine(),
+               cpu_count=os.cpu_count(), load_average=[round(v, 2) for v in os.getloadavg()],
+               jpeg_decoder=_jpeg_decoder(),
+               ours_pipeline="tar read + seeded shuffle + PIL decode + RandomResizedCrop(bicubic) + uint8 batch "
+                             "(flip/RandAugment/normalize run on the device)",
+               timm_pipeline="PIL decode + RandomResizedCrop(224, bicubic) + RandomHorizontalFlip + "
+                             "RandAugment rand-m9-mstd0.5-inc1 + ToTensor + Normalize, torch 1 thread",
+               ours_images_per_s=round(ours_ips, 1), ours_images_per_s_per_core=round(ours_ips / cores, 1),
+               timm_images_per_s_per_core=round(timm_ips, 1),
+               ratio_per_core=round(ours_ips / cores / timm_ips, 2),
+               ours_rounds=[round(v, 1) for v in ours_r], timm_rounds=[round(v, 1) for v in timm_r])
+    if tmp is not None:
+        out["build_s"] = round(build_s, 1)
+    return out
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[argparse.ArgumentParser], None], str]] = {
     "augment": (cmd_augment, lambda p: (
         p.add_argument("--batch", type=int, default=32),
@@ -185,6 +298,17 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[arg
         p.add_argument("--step", action=argparse.BooleanOptionalAction, default=True,
                        help="also time a ViT-Ti/16 train step"),
     ), "on-device augmentation vs timm's PIL transforms and a ViT-Ti/16 train step"),
+    "loader": (cmd_loader, lambda p: (
+        p.add_argument("--shards", default=None, help="webdataset shard spec; default: generate skimage JPEGs"),
+        p.add_argument("--count", type=int, default=2000, help="JPEGs to generate without --shards"),
+        p.add_argument("--size", type=int, default=224),
+        p.add_argument("--batch", type=int, default=64),
+        p.add_argument("--batches", type=int, default=16, help="timed batches per round (timm: as many images)"),
+        p.add_argument("--warmup", type=int, default=2, help="untimed batches per round"),
+        p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians)"),
+        p.add_argument("--workers", type=int, default=0, help="loader worker processes (0: one core)"),
+        p.add_argument("--shuffle-buffer", type=int, default=1000),
+    ), "host train loader vs timm's PIL train pipeline, images/s per core on JPEGs"),
 }
 
 

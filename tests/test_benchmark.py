@@ -15,3 +15,16 @@ def test_augment_subcommand_prints_one_json_object(capsys):
         assert p["device_images_per_s"] > 0 and p["timm_images_per_s_per_core"] > 0
         assert 0 < p["fraction_of_train_step"]
     assert result["train_step"]["ms"] > 0
+
+
+def test_loader_subcommand_prints_one_json_object(capsys):
+    result = benchmark.main(["loader", "--count", "40", "--batch", "8", "--batches", "2", "--warmup", "1",
+                             "--rounds", "2", "--shuffle-buffer", "16"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and json.loads(printed[0]) == result
+    assert result["benchmark"] == "loader" and result["images"] == 40 and result["image_size"] == 224
+    assert result["workers"] == 0 and "PIL" in result["jpeg_decoder"] and len(result["load_average"]) == 3
+    for k in ("ours_images_per_s", "ours_images_per_s_per_core", "timm_images_per_s_per_core", "ratio_per_core"):
+        assert result[k] > 0, k
+    assert result["ours_images_per_s_per_core"] == result["ours_images_per_s"]
+    assert len(result["ours_rounds"]) == len(result["timm_rounds"]) == 2

@@ -72,7 +72,8 @@ def train_crop(rng: np.random.Generator, img: Image.Image, size: int, mode: str)
     """uint8 [size, size, 3] for a `random_crop` mode, as deit3-jax's torchvision pipeline:
     'rrc' RandomResizedCrop (bicubic), 'src' Simple Random Crop, 'none' resize the shorter side
     (bicubic) + center crop."""
-    img = img.convert("RGB")
+    if img.mode != "RGB":  # convert() copies even when the mode already matches
+        img = img.convert("RGB")
     if mode == "rrc":
         left, top, w, h = rrc_box(rng, *img.size)
         # crop, then resize (torchvision's resized_crop): resize(box=...) would also read the

@@ -424,7 +424,9 @@ def decode_image(data: bytes | None) -> Image.Image | None:
         return None
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+            img.load()  # decode now, while the buffer is open
+            # most JPEGs are RGB already: convert() would copy the pixels for nothing
+            return img if img.mode == "RGB" else img.convert("RGB")
     except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
         return None
 
@@ -441,8 +443,9 @@ def decode_train(items: list[tuple[int, int, Record]], size: int, mode: str, rep
     out: list[np.ndarray | None] = []
     for epoch, _, rec in items:
         img = decode_image(rec.image) if rec.label is not None else None
-        out.append(None if img is None else np.stack(
-            [crop.train_crop(crop_rng(seed, epoch, rec.shard, rec.pos, c), img, size, mode) for c in range(repeats)]))
+        crops = [] if img is None else [crop.train_crop(crop_rng(seed, epoch, rec.shard, rec.pos, c), img, size, mode)
+                                        for c in range(repeats)]
+        out.append(None if img is None else crops[0][None] if repeats == 1 else np.stack(crops))
     return out
 
 

@@ -78,17 +78,51 @@ def photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
 
 
+def skimage_sources() -> list[np.ndarray]:
+    """The colour photographs bundled with scikit-image (no download): people, animals, a
+    rocket, a street scene, a microscope slide, a retina, a deep-sky field."""
+    import skimage.data as d
+
+    return [d.astronaut(), d.chelsea(), d.coffee(), d.rocket(), d.hubble_deep_field(), d.immunohistochemistry(),
+            d.retina(), d.stereo_motorcycle()[0]]
+
+
+def skimage_photo(rng: np.random.Generator, sources: list[np.ndarray], size: tuple[int, int]) -> Image.Image:
+    """A random crop (30-100% of the shorter side, aspect near `size`'s), flip and resize of one
+    skimage photo to `size` (portrait one time in four), so no two files are the same."""
+    w, h = size if rng.random() >= 0.25 else size[::-1]
+    src = sources[int(rng.integers(len(sources)))]
+    sh, sw = src.shape[:2]
+    aspect = w / h * float(np.exp(rng.uniform(-0.1, 0.1)))
+    ch = int(min(sh, sw / aspect) * rng.uniform(0.3, 1.0))
+    cw = max(1, min(sw, int(round(ch * aspect))))
+    y, x = int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
+    img = Image.fromarray(src[y:y + ch, x:x + cw])
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    resample = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS)[int(rng.integers(3))]
+    return img.resize((w, h), resample)
+
+
 def photo_shards(out_dir: str | os.PathLike, count: int = 512, *, size: tuple[int, int] = (500, 375),
-                 shard_size: int = 256, quality: int = 90, seed: int = 0) -> str:
-    """Write `count` JPEGs of `size` (ImageNet's typical 500x375) as shards; returns the spec."""
+                 shard_size: int = 256, quality: int = 90, seed: int = 0, source: str = "skimage") -> str:
+    """Write `count` JPEGs of about `size` (ImageNet's typical 500x375) as shards; returns the spec.
+
+    source 'skimage': random crops / flips / resizes of scikit-image's bundled photographs
+    (real image statistics, so JPEG sizes and decode times are ImageNet-like); 'synthetic':
+    smooth random colour fields (`photo`).
+    """
+    if source not in ("skimage", "synthetic"):
+        raise ValueError(f"source={source!r}: allowed 'skimage', 'synthetic'")
     rng = np.random.default_rng(seed)
+    sources = skimage_sources() if source == "skimage" else []
     n_shards = -(-count // shard_size)
     for s in range(n_shards):
         def samples(lo: int = s * shard_size):
             for i in range(lo, min(count, lo + shard_size)):
                 buf = io.BytesIO()
-                photo(rng, size).save(buf, format="JPEG", quality=quality)
+                img = skimage_photo(rng, sources, size) if sources else photo(rng, size)
+                img.save(buf, format="JPEG", quality=quality)
                 yield f"{i:08d}", {"jpg": buf.getvalue(), "cls": str(i % 1000).encode()}
         data.write_shard(Path(out_dir) / f"photos-{s:04d}.tar", samples())
     return str(Path(out_dir) / f"photos-{{0000..{n_shards - 1:04d}}}.tar")
-
