@@ -395,10 +395,6 @@ def policy(auto_augment: str | None) -> Callable[[PRNGKeyArray, jax.Array], jax.
     raise ValueError(f"auto_augment={auto_augment!r}: allowed None, 'none', '3a' or a timm 'rand-...' string")
 
 
-def _normalize_one(x):
-    return (x / 255.0 - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-
-
 def augment_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Image) -> Float[Array, "h w 3"]:
     """The whole per-image train transform: flip, policy, jitter, normalise, erase."""
     k_flip, k_policy, k_jitter, k_erase = jax.random.split(key, 4)
@@ -410,7 +406,7 @@ def augment_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Image) -> Float[Ar
         x = pol(k_policy, x)
     if cfg.color_jitter > 0:
         x = color_jitter(k_jitter, x, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
-    x = _normalize_one(x)
+    x = normalize(x)
     if cfg.random_erasing > 0:
         x = random_erasing(k_erase, x, cfg.random_erasing)
     return x

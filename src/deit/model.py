@@ -179,7 +179,7 @@ def forward_flops(cfg: ModelConfig) -> int:
     return int(patch + cfg.layers * per_block + heads)
 
 
-def normalize(images: UInt8[Array, "b h w 3"] | Float[Array, "b h w 3"]) -> Float[Array, "b h w 3"]:
+def normalize(images: UInt8[Array, "*b h w 3"] | Float[Array, "*b h w 3"]) -> Float[Array, "*b h w 3"]:
     """uint8 [0, 255] -> ImageNet-normalised float32."""
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)

@@ -71,18 +71,33 @@ def create_state(cfg: Config, mesh: jax.sharding.Mesh, tx) -> tuple[TrainState, 
     return state, shardings
 
 
+def valid_loader(cfg: Config) -> data.Loader:
+    return data.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def evaluate_many(models: dict[str, ViT], batches: Iterator, mesh: jax.sharding.Mesh, progress: bool = False,
+                  desc: str = "eval") -> dict[str, dict[str, float]]:
+    """Exact accuracy of several models (e.g. the model and its EMA) in one pass over the data:
+    padded batches are masked, sums reduced over hosts."""
+    totals: dict[str, Any] = {name: None for name in models}
+    for images, labels, mask in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        batch = sharding.shard_batch(mesh, images, labels, mask)
+        for name, model in models.items():
+            sums = eval_step(model, *batch)
+            totals[name] = sums if totals[name] is None else jax.tree.map(lambda a, b: a + b, totals[name], sums)
+    results = {}
+    for name, t in totals.items():
+        n = float(t["num_samples"]) if t is not None else 0.0
+        if n == 0:
+            raise ValueError("validation produced no samples")
+        results[name] = {"acc1": float(t["acc1"]) / n, "acc5": float(t["acc5"]) / n, "loss": float(t["loss"]) / n,
+                         "num_samples": int(n)}
+    return results
+
+
 def evaluate(model: ViT, batches: Iterator, mesh: jax.sharding.Mesh, progress: bool = False,
              desc: str = "eval") -> dict[str, float]:
-    """Exact accuracy over every sample: padded batches are masked, sums reduced over hosts."""
-    totals: dict[str, Any] = {}
-    for images, labels, mask in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        sums = eval_step(model, *sharding.shard_batch(mesh, images, labels, mask))
-        totals = sums if not totals else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = {k: float(v) for k, v in totals.items()}
-    n = totals.get("num_samples", 0.0)
-    if n == 0:
-        raise ValueError("validation produced no samples")
-    return {"acc1": totals["acc1"] / n, "acc5": totals["acc5"] / n, "loss": totals["loss"] / n, "num_samples": int(n)}
+    return evaluate_many({"model": model}, batches, mesh, progress, desc)["model"]
 
 
 def load_teacher(cfg: Config, mesh: jax.sharding.Mesh) -> ViT | None:
@@ -106,7 +121,7 @@ def load_teacher(cfg: Config, mesh: jax.sharding.Mesh) -> ViT | None:
 
 def eval_only(cfg: Config, state: TrainState, mesh: jax.sharding.Mesh) -> dict[str, float]:
     """Evaluate the run's model (pretrained or resumed) once; print and return the metrics."""
-    batches = data.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    batches = valid_loader(cfg)
     try:
         val = evaluate(state.model, batches, mesh, progress=cfg.progress and jax.process_index() == 0)
     finally:
@@ -174,14 +189,11 @@ def train(cfg: Config) -> dict[str, float]:
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}", lr=f"{means['lr']:.2e}")
                 window, t_window, n_window = [], time.perf_counter(), 0
             if done % cfg.eval_interval == 0 or done == total:
-                val = evaluate(state.model, data.valid_batches(cfg, process_index=jax.process_index(),
-                                                                process_count=jax.process_count()),
-                               mesh, progress=cfg.progress and jax.process_index() == 0)
-                results = {f"val/{k}": v for k, v in val.items()}
-                if state.ema is not None:
-                    val_ema = evaluate(state.ema, data.valid_batches(cfg, process_index=jax.process_index(),
-                                                                     process_count=jax.process_count()), mesh)
-                    results.update({f"val_ema/{k}": v for k, v in val_ema.items()})
+                models = {"val": state.model} | ({"val_ema": state.ema} if state.ema is not None else {})
+                evals = evaluate_many(models, valid_loader(cfg), mesh,
+                                      progress=cfg.progress and jax.process_index() == 0)
+                val = evals["val"]
+                results = {f"{name}/{k}": v for name, e in evals.items() for k, v in e.items()}
                 tracker.log(done, results)
                 bar.write(f"step {done}: val acc1 {val['acc1']:.4f} acc5 {val['acc5']:.4f} "
                           f"loss {val['loss']:.4f} ({val['num_samples']} samples)")
