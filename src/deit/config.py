@@ -162,6 +162,22 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 500
     """Steps between evaluations (and `best`/`last` checkpoints)."""
+    checkpoint_interval: int = 0
+    """Steps between `last` checkpoints; 0 saves `last` at each evaluation only."""
+    keep_interval: int = 0
+    """Also keep a permanent `step-N` checkpoint every N steps (0: none)."""
+    async_checkpoint: bool = True
+    """Write checkpoint files in a background thread while training continues."""
+    max_bad_steps: int = 10
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped) before the run stops."""
+    coordinator_address: str | None = None
+    """jax.distributed coordinator `host:port` (multi-host outside Cloud TPU / SLURM, which are automatic)."""
+    num_processes: int | None = None
+    """jax.distributed process count (with --coordinator-address)."""
+    process_id: int | None = None
+    """This process's index in [0, num_processes) (with --coordinator-address)."""
+    memory_report: int = 0
+    """With --dry-run: compile the train step on this many fake devices and add XLA's per-device memory."""
     pretrained_ckpt: str | None = None
     output_dir: str = "outputs/run"
     aim_repo: str | None = None
