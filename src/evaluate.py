@@ -55,7 +55,6 @@ def run(args: Args) -> dict:
         result = evaluate(model, batches, mesh, progress=args.progress)
     finally:
         batches.close()
-    result["skipped"] = int(batches.skipped)
     return result
 
 

@@ -4,7 +4,10 @@ Every recipe in `recipes/` is a subcommand; flags override its fields (deit3-jax
 `--dry-run` prints the resolved config, parameter count and forward FLOPs as JSON and exits.
 """
 
+import contextlib
+import io
 import json
+import re
 import sys
 import typing
 
@@ -26,12 +29,47 @@ def parse(argv: list[str] | None = None) -> Config:
                     config=(tyro.conf.OmitSubcommandPrefixes,))
 
 
-def main(argv: list[str] | None = None) -> None:
+def one_line(box: str) -> str:
+    """tyro's error box -> its message on one line (the text between the first two rules)."""
+    lines = [ln.strip(" │╭╮╰╯") for ln in box.splitlines()]
+    rules = [i for i, ln in enumerate(lines) if ln and set(ln) <= set("-─")]
+    body = lines[1:rules[0]] if rules else lines[1:]  # below the title, above the first rule
+    if not "".join(body).strip() and len(rules) > 1:  # plain layout: title, rule, message, rule
+        body = lines[rules[0] + 1:rules[1]]
+    msg = re.sub(r"\s+", " ", " ".join(body)).strip()
+    return re.sub(r"^Error parsing (__tyro\S*|\w*Config): ", "", msg) or "invalid arguments (see --help)"
+
+
+def parse_or_exit(argv: list[str] | None) -> Config:
+    """Parse the command line; any bad input exits 2 with one line on stderr."""
+    args = sys.argv[1:] if argv is None else argv
+    names = recipes.names()
+    first = next((a for a in args if not a.startswith("-")), None)
+    helping = "--help" in args or "-h" in args
+    if first is None and not helping:
+        print("error: no recipe given; usage: python src/train.py recipes:NAME [--flag value ...] "
+              "(e.g. recipes:tiny-digits; all in --help)", file=sys.stderr)
+        sys.exit(2)
+    if first is not None and not (first.startswith("recipes:") and first[len("recipes:"):] in names) and not helping:
+        print(f"error: unknown recipe {first!r}; allowed: recipes:NAME with NAME one of {len(names)} recipes "
+              f"(e.g. recipes:tiny-digits; all in --help)", file=sys.stderr)
+        sys.exit(2)
+    err = io.StringIO()
     try:
-        cfg = parse(argv)
+        with contextlib.redirect_stderr(err):
+            return parse(args)
     except ValueError as e:  # config validation (e.g. image_size not divisible by patch_size)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:
+        if e.code:  # tyro's multi-line box, condensed
+            print(f"error: {one_line(err.getvalue())}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_or_exit(argv)
     if cfg.dry_run:
         print(json.dumps({"config": cfg.to_dict(), "params": count_params(cfg.model), "flops": forward_flops(cfg.model)}))
         return
@@ -39,9 +77,12 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         train(cfg)
-    except ValueError as e:
+    except ValueError as e:  # bad config or data found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # a run that cannot go on (e.g. non-finite losses); checkpoints intact
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,86 +1,234 @@
-"""Training checkpoints: self-describing directories written atomically.
+"""Training checkpoints: self-describing directories, written atomically and asynchronously.
 
-    <output_dir>/checkpoints/<name>/
+    <output_dir>/checkpoints/<name>/      name: last, prev, best, step-<N>
         model.safetensors        weights in timm naming + the model config (deit.load_model reads it)
-        train_state.safetensors  every array of the train state (optimiser moments, step), by tree path
-        meta.json                step, resolved config, extra info (val acc1 for `best`)
+        train_state.safetensors  every array of the train state (optimiser moments, EMA, step), by tree path
+        meta.json                step, resolved config, extra info (val acc1, loader state), and the
+                                 size and sha256 of the two files above: written last, it commits
 
-A checkpoint is built in a temporary sibling directory and renamed into place, so a crash
-leaves either the previous complete checkpoint or the new one, never a half-written one.
+A checkpoint is built in a temporary sibling directory and renamed into place; the checkpoint
+it replaces becomes `prev` (for `last`), so a crash or a corrupt file always leaves a complete
+earlier one to fall back to. Output dirs may be any fsspec URL (gs://, memory://, ...): there a
+directory rename is a copy, which the sizes and hashes in meta.json make safe to interrupt.
+
+Saving gathers the state to host memory synchronously (every process joins the gather; only
+process 0 writes); the files are then written by a background thread while training goes on.
 """
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import fsspec
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from fsspec.implementations.local import LocalFileSystem
+from jax.experimental import multihost_utils
+from safetensors.numpy import load as load_bytes
+from safetensors.numpy import save_file
 
 from deit.interop import save_model
 
 STATE_FILE, MODEL_FILE, META_FILE = "train_state.safetensors", "model.safetensors", "meta.json"
+STEP_NAME = re.compile(r"step-(\d+)$")
+# Fault injection for the kill -9 tests: DEIT_FAULT=checkpoint:N kills this process in the
+# middle of writing the checkpoint of step N (state file written, meta not yet).
+FAULT_ENV = "DEIT_FAULT"
 
 
-def checkpoint_dir(output_dir: str | os.PathLike, name: str) -> Path:
-    return Path(output_dir) / "checkpoints" / name
+def fs_path(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(str(url))
 
 
-def _state_arrays(state: Any) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(state, eqx.is_array))
-    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in leaves}
+def join(url: str | os.PathLike, *parts: str) -> str:
+    return "/".join([str(url).rstrip("/"), *parts])
 
 
-def save(output_dir: str | os.PathLike, name: str, state: Any, config: dict[str, Any],
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write checkpoint `name` (e.g. 'last', 'best') for `state` (a steps.TrainState)."""
-    final = checkpoint_dir(output_dir, name)
-    arrays = _state_arrays(state)  # every process joins the gather; only process 0 writes
-    if jax.process_index() != 0:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def checkpoint_dir(output_dir: str | os.PathLike, name: str) -> str:
+    return join(output_dir, "checkpoints", name)
+
+
+def host_arrays(state: Any) -> dict[str, np.ndarray]:
+    """Every array of `state` as host numpy, keyed by tree path. Arrays spread over processes
+    are all-gathered: every process must call this (a collective)."""
+    out = {}
+    for p, x in jax.tree_util.tree_leaves_with_path(eqx.filter(state, eqx.is_array)):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        out[jax.tree_util.keystr(p)] = np.asarray(jax.device_get(x))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any, meta: dict[str, Any]) -> str:
+    """Write and commit one checkpoint (process 0 only)."""
+    fs, root = fs_path(checkpoint_dir(output_dir, ""))
+    final = root.rstrip("/") + "/" + name
+    local = isinstance(fs, LocalFileSystem)
+    move = os.replace if local else (lambda a, b: fs.mv(a, b, recursive=True))  # local: atomic rename
+    fs.makedirs(root, exist_ok=True)
+    # Local: build in place beside the final dir (same filesystem, so the rename is atomic).
+    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root if local else None))
     try:
-        save_model(state.model, tmp / MODEL_FILE)
-        save_file(arrays, str(tmp / STATE_FILE))
-        meta = {"step": int(state.step), "config": config, **(extra or {})}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        old = final.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        save_model(model, stage / MODEL_FILE)
+        save_file(arrays, str(stage / STATE_FILE))
+        if os.environ.get(FAULT_ENV) == f"checkpoint:{meta['step']}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        meta = {**meta, "files": {f: {"size": (stage / f).stat().st_size, "sha256": _sha256(stage / f)}
+                                  for f in (MODEL_FILE, STATE_FILE)}}
+        (stage / META_FILE).write_text(json.dumps(meta, indent=1))
+        if local:
+            tmp = str(stage)
+        else:
+            tmp = f"{root.rstrip('/')}/.tmp-{name}-{uuid.uuid4().hex[:8]}"
+            for f in (MODEL_FILE, STATE_FILE, META_FILE):  # meta last: it commits
+                fs.put_file(str(stage / f), f"{tmp}/{f}")
+        old = f"{root.rstrip('/')}/prev" if name == "last" else f"{root.rstrip('/')}/.old-{name}-{uuid.uuid4().hex[:8]}"
+        if fs.exists(final):
+            if fs.exists(old):
+                fs.rm(old, recursive=True)
+            move(final, old)
+        move(tmp, final)
+        if name != "last" and fs.exists(old):
+            fs.rm(old, recursive=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
     return final
 
 
+class Writer:
+    """Writes checkpoints one at a time in a background thread (or inline with `sync=True`).
+    An error in the background surfaces at the next `save` or `wait`."""
+
+    def __init__(self, output_dir: str | os.PathLike, sync: bool = False):
+        self.output_dir, self.sync = str(output_dir), sync
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, names: list[str], state: Any, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint `state` (a steps.TrainState) under each of `names` ('last', 'best', 'step-N')."""
+        arrays = host_arrays(state)  # synchronous: the state's buffers are donated to the next step
+        self.wait()
+        if jax.process_index() != 0:
+            return
+        bad = [k for k, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+        if bad:
+            raise ValueError(f"refusing to checkpoint non-finite values in {bad[0]}")
+        # The model's weights from the gathered arrays (its leaves sit under `.model` in the state).
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(eqx.filter(state.model, eqx.is_array))
+        weights = [arrays[".model" + jax.tree_util.keystr(p)] for p, _ in leaves]
+        model = eqx.combine(jax.tree_util.tree_unflatten(treedef, weights),
+                            eqx.filter(state.model, eqx.is_array, inverse=True))
+        meta = {"step": int(arrays[".step"]), "config": config, **(extra or {})}
+
+        def work():
+            try:
+                for name in names:
+                    _write(self.output_dir, name, arrays, model, meta)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                self.error = e
+
+        if self.sync:
+            work()
+            self._raise()
+        else:
+            self.thread = threading.Thread(target=work, name="checkpoint-writer", daemon=True)
+            self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+
+def save(output_dir: str | os.PathLike, name: str, state: Any, config: dict[str, Any],
+         extra: dict[str, Any] | None = None) -> str:
+    """Write checkpoint `name` synchronously."""
+    Writer(output_dir, sync=True).save([name], state, config, extra)
+    return checkpoint_dir(output_dir, name)
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / META_FILE).read_text())
+    fs, p = fs_path(path)
+    with fs.open(p.rstrip("/") + "/" + META_FILE, "r") as f:
+        return json.load(f)
 
 
-def find(output_dir: str | os.PathLike, name: str = "last") -> Path | None:
-    """The complete checkpoint `name`, or None. A crash between the two renames of `save`
-    leaves only the `.old-` copy: that one is complete, so it is used."""
-    final = checkpoint_dir(output_dir, name)
-    if (final / META_FILE).exists():
-        return final
-    olds = sorted(final.parent.glob(f".old-{name}-*"), key=lambda p: p.stat().st_mtime)
-    return olds[-1] if olds and (olds[-1] / META_FILE).exists() else None
+def _complete(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Committed: meta.json present and parseable (its files are verified when read)."""
+    try:
+        with fs.open(f"{path}/{META_FILE}", "r") as f:
+            return "files" in json.load(f)
+    except Exception:  # missing or from a crashed write
+        return False
+
+
+def find(output_dir: str | os.PathLike, name: str = "last") -> str | None:
+    """The complete checkpoint `name`, or None."""
+    fs, p = fs_path(checkpoint_dir(output_dir, name))
+    return checkpoint_dir(output_dir, name) if _complete(fs, p) else None
+
+
+def candidates(output_dir: str | os.PathLike) -> list[str]:
+    """Complete checkpoints of a run, newest step first: where a resume looks, in order."""
+    fs, root = fs_path(checkpoint_dir(output_dir, ""))
+    if not fs.exists(root):
+        return []
+    found = []
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(".tmp-") or not _complete(fs, entry.rstrip("/")):
+            continue
+        found.append((read_meta(checkpoint_dir(output_dir, name))["step"], name == "last", name))
+    return [checkpoint_dir(output_dir, n) for _, _, n in sorted(found, reverse=True)]
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state arrays of checkpoint `path`, verified against meta.json; a clear error naming
+    the file when it is truncated or corrupt."""
+    fs, p = fs_path(path)
+    p = p.rstrip("/")
+    file = f"{path}/{STATE_FILE}"
+    try:
+        info = read_meta(path)["files"][STATE_FILE]
+        with fs.open(f"{p}/{STATE_FILE}", "rb") as f:
+            blob = f.read()
+    except Exception as e:
+        raise ValueError(f"checkpoint file {file} is unreadable ({type(e).__name__}: {e})") from e
+    if len(blob) != info["size"] or hashlib.sha256(blob).hexdigest() != info["sha256"]:
+        raise ValueError(f"checkpoint file {file} is corrupt: size or sha256 differs from its meta.json")
+    try:
+        return load_bytes(blob)
+    except Exception as e:
+        raise ValueError(f"checkpoint file {file} is unreadable ({type(e).__name__}: {e})") from e
 
 
 def restore(path: str | os.PathLike, template: Any) -> Any:
-    """Load the arrays of checkpoint `path` into the structure (and shardings) of `template`."""
-    path = Path(path)
-    try:
-        arrays = load_file(str(path / STATE_FILE))
-    except Exception as e:
-        raise ValueError(f"checkpoint {path / STATE_FILE} is unreadable ({type(e).__name__}: {e})") from e
+    """Load the arrays of checkpoint `path` into the structure (and shardings) of `template`.
+    Each process places only its own shards (works with any process count)."""
+    arrays = read_arrays(path)
     params, static = eqx.partition(template, eqx.is_array)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = []
@@ -91,5 +239,6 @@ def restore(path: str | os.PathLike, template: Any) -> Any:
         a = arrays[key]
         if a.shape != x.shape:
             raise ValueError(f"checkpoint {path}: {key} has shape {a.shape}, expected {x.shape}")
-        out.append(jax.device_put(a.astype(x.dtype), x.sharding))
+        a = a.astype(x.dtype)
+        out.append(jax.make_array_from_callback(a.shape, x.sharding, lambda idx, a=a: a[idx]))
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, out), static)

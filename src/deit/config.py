@@ -11,6 +11,22 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def _in(name: str, value: float | int, lo: float | int, hi: float | int, lo_open: bool = False, hi_open: bool = False) -> tuple[bool, str]:
+    ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return ok, f"{name}={value}: must be in {interval}"
+
+
+def _min(name: str, value: float | int, lo: float | int) -> tuple[bool, str]:
+    return value >= lo, f"{name}={value}: must be >= {lo}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture. Field names are deit3-jax's flags; extra fields default to its behaviour."""
@@ -51,9 +67,7 @@ class ModelConfig:
             (not (self.distilled and self.pooling != "cls"), "distilled=True needs pooling='cls'"),
             (not (self.posemb == "sincos2d" and self.dim % 4), f"posemb='sincos2d' needs dim divisible by 4, got dim={self.dim}"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        _check(checks)
 
     @property
     def grid(self) -> int:
@@ -92,6 +106,12 @@ class DataConfig:
     label_mapping: str | None = None
     """JSON file {"src": [...], "dst": [...]} mapping pretrained head rows to new labels."""
 
+    def __post_init__(self):
+        _check([_min("train_batch_size", self.train_batch_size, 1), _min("valid_batch_size", self.valid_batch_size, 1),
+                _min("train_loader_workers", self.train_loader_workers, 0),
+                _min("valid_loader_workers", self.valid_loader_workers, 0),
+                _min("shuffle_seed", self.shuffle_seed, 0), _min("shuffle_buffer", self.shuffle_buffer, 1)])
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -110,6 +130,16 @@ class AugmentConfig:
     mixup_seed: int = 1
     criterion: Literal["ce", "bce"] = "ce"
     label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        _check([
+            (self.random_crop in ("none", "rrc", "src"), f"random_crop={self.random_crop!r}: allowed 'none', 'rrc', 'src'"),
+            (self.criterion in ("ce", "bce"), f"criterion={self.criterion!r}: allowed 'ce', 'bce'"),
+            _min("color_jitter", self.color_jitter, 0.0), _in("random_erasing", self.random_erasing, 0.0, 1.0),
+            _min("augment_repeats", self.augment_repeats, 1),
+            _in("test_crop_ratio", self.test_crop_ratio, 0.0, 1.0, lo_open=True), _in("hflip", self.hflip, 0.0, 1.0),
+            _min("mixup", self.mixup, 0.0), _min("cutmix", self.cutmix, 0.0),
+            _in("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +163,18 @@ class OptimConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Forward/backward precision; parameters and optimiser state stay float32."""
 
+    def __post_init__(self):
+        _check([
+            (self.optimizer in ("adamw", "lamb"), f"optimizer={self.optimizer!r}: allowed 'adamw', 'lamb'"),
+            (self.compute_dtype in ("float32", "bfloat16"),
+             f"compute_dtype={self.compute_dtype!r}: allowed 'float32', 'bfloat16'"),
+            _min("learning_rate", self.learning_rate, 0.0), _min("weight_decay", self.weight_decay, 0.0),
+            _in("adam_b1", self.adam_b1, 0.0, 1.0, hi_open=True), _in("adam_b2", self.adam_b2, 0.0, 1.0, hi_open=True),
+            _min("adam_eps", self.adam_eps, 0.0), _in("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True),
+            _min("clip_grad", self.clip_grad, 0.0), _min("grad_accum", self.grad_accum, 1),
+            _min("warmup_steps", self.warmup_steps, 0), _min("training_steps", self.training_steps, 1),
+            _in("model_ema_decay", self.model_ema_decay, 0.0, 1.0)])
+
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
@@ -143,6 +185,12 @@ class DistillConfig:
     distillation_tau: float = 1.0
     teacher_ckpt: str | None = None
     """Teacher weights, anything deit.load_model reads."""
+
+    def __post_init__(self):
+        _check([(self.distillation_type in ("none", "soft", "hard"),
+                 f"distillation_type={self.distillation_type!r}: allowed 'none', 'soft', 'hard'"),
+                _in("distillation_alpha", self.distillation_alpha, 0.0, 1.0),
+                (self.distillation_tau > 0, f"distillation_tau={self.distillation_tau}: must be > 0")])
 
 
 Flat = tyro.conf.OmitArgPrefixes
@@ -188,6 +236,16 @@ class Config:
     """Evaluate `pretrained_ckpt` (or the run's last checkpoint), print JSON, and exit."""
     dry_run: bool = False
     """Print the resolved config, parameter count and forward FLOPs as JSON, then exit."""
+
+    def __post_init__(self):
+        _check([_min("fsdp", self.fsdp, 1), _min("log_interval", self.log_interval, 1),
+                _min("eval_interval", self.eval_interval, 1), _min("checkpoint_interval", self.checkpoint_interval, 0),
+                _min("keep_interval", self.keep_interval, 0), _min("max_bad_steps", self.max_bad_steps, 1),
+                _min("memory_report", self.memory_report, 0),
+                (self.num_processes is None or self.num_processes >= 1,
+                 f"num_processes={self.num_processes}: must be >= 1"),
+                (self.process_id is None or self.num_processes is None or 0 <= self.process_id < self.num_processes,
+                 f"process_id={self.process_id}: must be in [0, num_processes={self.num_processes})")])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,12 +23,16 @@ class TrainState(eqx.Module):
     model: ViT
     opt_state: Any
     step: Int[Array, ""]
-    ema: ViT | None = None
+    ema: ViT | None
+    skipped: Int[Array, ""]
+    """Updates skipped so far because the loss or gradient norm was not finite."""
+    bad_streak: Int[Array, ""]
+    """Consecutive skipped updates up to now (the run stops after `max_bad_steps`)."""
 
 
 def init_state(model: ViT, tx: optax.GradientTransformation, ema: bool = False) -> TrainState:
-    return TrainState(model, tx.init(eqx.filter(model, eqx.is_array)), jnp.zeros((), jnp.int32),
-                      model if ema else None)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(model, tx.init(eqx.filter(model, eqx.is_array)), zero, model if ema else None, zero, zero)
 
 
 def ema_update(ema: ViT, model: ViT, decay: float) -> ViT:
@@ -130,11 +134,19 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
         params = eqx.filter(state.model, eqx.is_array)
         updates, opt_state = tx.update(grads, state.opt_state, params)
         model = eqx.apply_updates(state.model, updates)
+        ema = None if state.ema is None else ema_update(state.ema, model, cfg.optim.model_ema_decay)
+        grad_norm = optax.tree.norm(grads)
+        # Non-finite guard: a step whose loss or gradient is not finite changes nothing but the
+        # counters (the data and the step still advance, so a resumed run stays in lockstep).
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new_, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a, new_, old)
+        model, opt_state, ema = keep((model, opt_state, ema), (state.model, state.opt_state, state.ema))
         acc1, acc5 = topk_correct(logits, t)
         metrics = {"loss": loss, "acc1": acc1.mean(), "acc5": acc5.mean(),
-                   "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
-        ema = None if state.ema is None else ema_update(state.ema, model, cfg.optim.model_ema_decay)
-        new = TrainState(model, opt_state, state.step + 1, ema)
+                   "lr": schedule(state.step), "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
+        bad = (~ok).astype(jnp.int32)
+        new = TrainState(model, opt_state, state.step + 1, ema, state.skipped + bad, (state.bad_streak + bad) * bad)
+        metrics["bad_streak"] = new.bad_streak
         if state_shardings is not None:
             arrays, static = eqx.partition(new, eqx.is_array)
             new = eqx.combine(jax.lax.with_sharding_constraint(arrays, state_shardings), static)

@@ -10,29 +10,56 @@ import os
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import jax
+from fsspec.implementations.local import LocalFileSystem
 
 
 class Tracker:
+    """`output_dir` may be local or an fsspec URL (gs://...): a remote metrics.jsonl is rewritten
+    whole at each event (objects cannot be appended to), and the aim repo then defaults to
+    ~/.cache/deit/aim since aim needs a local folder. `resume_step`: events logged after that
+    step by an interrupted run are dropped, so the file reads as one uninterrupted run."""
+
     def __init__(self, output_dir: str | os.PathLike, hparams: dict[str, Any], aim_repo: str | None = None,
-                 experiment: str = "deit", resume_hash: str | None = None):
+                 experiment: str = "deit", resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
-        self.path = Path(output_dir) / "metrics.jsonl"
         self.run = None
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", buffering=1)
+        url = str(output_dir).rstrip("/") + "/metrics.jsonl"
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.remote = not isinstance(self.fs, LocalFileSystem)
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        self.lines: list[str] = []
+        if self.fs.exists(self.path):
+            with self.fs.open(self.path, "r") as f:
+                self.lines = [ln for ln in f.read().splitlines() if ln.strip()]
+            if resume_step is not None:
+                self.lines = [ln for ln in self.lines if json.loads(ln)["step"] <= resume_step]
+                self._rewrite()
+        self.file = None if self.remote else open(self.path, "a", buffering=1)
         try:
             import aim
 
-            repo = aim_repo or str(Path(output_dir).resolve().parent)
+            default = os.path.expanduser("~/.cache/deit/aim") if self.remote else str(Path(output_dir).resolve().parent)
+            repo = aim_repo or default
             Path(repo).mkdir(parents=True, exist_ok=True)
-            self.run = aim.Run(run_hash=resume_hash, repo=repo, experiment=experiment)
+            self.run = aim.Run(repo=repo, experiment=experiment)
             self.run["hparams"] = hparams
         except Exception as e:  # tracking must never kill a training run
             print(f"warning: aim tracking disabled ({type(e).__name__}: {e})", flush=True)
             self.run = None
+
+    def _rewrite(self) -> None:
+        text = "".join(ln + "\n" for ln in self.lines)
+        if self.remote:
+            with self.fs.open(self.path, "w") as f:
+                f.write(text)
+        else:
+            tmp = self.path + ".tmp"
+            Path(tmp).write_text(text)
+            os.replace(tmp, self.path)
 
     @property
     def run_hash(self) -> str | None:
@@ -42,7 +69,12 @@ class Tracker:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": int(step), **clean}) + "\n")
+        line = json.dumps({"step": int(step), **clean})
+        self.lines.append(line)
+        if self.remote:
+            self._rewrite()
+        else:
+            self.file.write(line + "\n")
         if self.run is not None:
             for name, value in clean.items():
                 if not math.isfinite(value):
@@ -53,11 +85,13 @@ class Tracker:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.run is not None:
             self.run.close()
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, float]]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fs, path = fsspec.core.url_to_fs(str(output_dir).rstrip("/") + "/metrics.jsonl")
+    with fs.open(path, "r") as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]

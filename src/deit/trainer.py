@@ -4,6 +4,9 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from collections.abc import Iterator
@@ -12,6 +15,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from deit import checkpoint, data, finetune, optim, sharding
@@ -91,7 +95,7 @@ def evaluate_many(models: dict[str, ViT], batches: Iterator, mesh: jax.sharding.
         if n == 0:
             raise ValueError("validation produced no samples")
         results[name] = {"acc1": float(t["acc1"]) / n, "acc5": float(t["acc5"]) / n, "loss": float(t["loss"]) / n,
-                         "num_samples": int(n)}
+                         "num_samples": int(n), "skipped": total_skipped(batches) if hasattr(batches, "skipped") else 0}
     return results
 
 
@@ -126,33 +130,129 @@ def eval_only(cfg: Config, state: TrainState, mesh: jax.sharding.Mesh) -> dict[s
         val = evaluate(state.model, batches, mesh, progress=cfg.progress and jax.process_index() == 0)
     finally:
         batches.close()
-    results = {f"val/{k}": v for k, v in val.items()} | {"val/skipped": float(batches.skipped)}
+    results = {f"val/{k}": v for k, v in val.items()}
     if jax.process_index() == 0:
         print(json.dumps({"step": int(state.step), **results}), flush=True)
     return results
 
 
+def init_distributed(cfg: Config) -> None:
+    """Join the multi-controller runtime: explicit flags, or auto-detected on SLURM and Cloud TPU
+    pod slices (jax.distributed reads their environment). Single-process runs skip it."""
+    if cfg.coordinator_address:
+        if cfg.num_processes is None or cfg.process_id is None:
+            raise ValueError(f"coordinator_address={cfg.coordinator_address!r} needs --num-processes and --process-id")
+        if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:  # CPU-only clusters: collectives over gloo
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A local output dir must be creatable and writable; checked before anything is written."""
+    if "://" in output_dir:
+        return
+    path = Path(output_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir={output_dir!r} is a file; allowed: a directory (existing or new)")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise ValueError(f"output_dir={output_dir!r} is not writable ({parent} does not allow writing)")
+
+
+def check_data(cfg: Config) -> None:
+    """Shard patterns must match something before anything is compiled or written."""
+    if not cfg.eval_only:
+        data.expand_shards(cfg.data.train_dataset_shards)
+    data.expand_shards(cfg.data.valid_dataset_shards)
+
+
+class Preemption:
+    """SIGTERM/SIGINT request a checkpoint at the next step boundary; a second signal exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process was signalled; all processes agree, so they stop at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def resume(out: str, state: TrainState) -> tuple[TrainState, dict[str, Any] | None]:
+    """The newest checkpoint that loads; corrupt ones are reported and skipped."""
+    for path in checkpoint.candidates(out):
+        try:
+            restored = checkpoint.restore(path, state)
+        except ValueError as e:
+            print(f"warning: {e}; falling back to an older checkpoint", file=sys.stderr, flush=True)
+            continue
+        print(f"resumed from {path} at step {int(restored.step)}", flush=True)
+        return restored, checkpoint.read_meta(path)
+    return state, None
+
+
+def gather_loader_states(batches: data.Loader) -> list[dict[str, int]]:
+    """Every process's loader state (exact resume with the same process count)."""
+    if jax.process_count() == 1:
+        return [dict(batches.state)]
+    keys = ("epoch", "offset", "skipped")
+    rows = multihost_utils.process_allgather(np.array([batches.state[k] for k in keys], np.int64))
+    return [dict(zip(keys, map(int, r))) for r in np.asarray(rows).reshape(jax.process_count(), len(keys))]
+
+
+def total_skipped(batches: data.Loader) -> int:
+    if jax.process_count() == 1:
+        return batches.skipped
+    return int(np.asarray(multihost_utils.process_allgather(np.int64(batches.skipped))).sum())
+
+
+def fault_step() -> int | None:
+    """DEIT_FAULT=step:N: SIGKILL this process after step N (for the kill -9 tests)."""
+    kind, _, n = os.environ.get(checkpoint.FAULT_ENV, "").partition(":")
+    return int(n) if kind == "step" else None
+
+
 def train(cfg: Config) -> dict[str, float]:
     cfg = resolve_paths(cfg)
-    out = Path(cfg.output_dir)
+    out = cfg.output_dir.rstrip("/")
+    check_output_dir(out)
+    check_data(cfg)
+    init_distributed(cfg)
     mesh = sharding.make_mesh(cfg.fsdp)
     check_batch(cfg, mesh)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = checkpoint.Writer(out, sync=not cfg.async_checkpoint)
     if jax.process_index() == 0:
-        (out / "config.json").write_text(cfg.to_json(indent=1))
+        write_text(checkpoint.join(out, "config.json"), cfg.to_json(indent=1))
 
     skeleton = eqx.filter_eval_shape(ViT, cfg.model, key=jax.random.key(0))
     opt = optim.build(cfg, skeleton)
     state, shardings = create_state(cfg, mesh, opt.tx)
     best, loader_state = -1.0, None
-    last = checkpoint.find(out, "last")
-    if last is not None:
-        state = checkpoint.restore(last, state)
-        meta = checkpoint.read_meta(last)
-        best = checkpoint.read_meta(checkpoint.find(out, "best") or last).get("val/acc1", -1.0)
-        if meta.get("process_count") == jax.process_count() == 1:
-            loader_state = meta.get("loader_state")  # exact; otherwise replay the stream to the step
-        print(f"resumed from {last} at step {int(state.step)}", flush=True)
+    state, meta = resume(out, state)
+    if meta is not None:
+        best = max([checkpoint.read_meta(p).get("val/acc1", -1.0) for p in checkpoint.candidates(out)] + [best])
+        states = meta.get("loader_states")
+        if states and len(states) == jax.process_count():
+            loader_state = states[jax.process_index()]  # exact; otherwise replay the stream to the step
 
     if cfg.eval_only:
         return eval_only(cfg, state, mesh)
@@ -162,33 +262,57 @@ def train(cfg: Config) -> dict[str, float]:
     total = cfg.optim.training_steps
     batches = data.train_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count(),
                                  **({"state": loader_state} if loader_state else {"start_step": start}))
-    tracker = Tracker(out, cfg.to_dict(), cfg.aim_repo, experiment=out.name)
+    tracker = Tracker(out, cfg.to_dict(), cfg.aim_repo, experiment=out.rsplit("/", 1)[-1],
+                      resume_step=start if meta is not None else None)
     flops_per_image = 3 * forward_flops(cfg.model)  # forward + backward
     results: dict[str, float] = {}
     window: list[dict[str, jax.Array]] = []
     t_window, n_window = time.perf_counter(), 0
     bar = tqdm(total=total, initial=start, desc="train", disable=not (cfg.progress and jax.process_index() == 0),
                dynamic_ncols=True)
+    preempt = Preemption()
+    kill_at = fault_step()
+    pending: dict[str, jax.Array] | None = None  # the previous step's metrics, read one step late
+
+    def check_finite(m: dict[str, jax.Array], step: int) -> None:
+        if int(m["bad_streak"]) >= cfg.max_bad_steps:
+            raise RuntimeError(f"{int(m['bad_streak'])} consecutive steps with a non-finite loss or gradient norm "
+                               f"(loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}) up to step {step}: "
+                               f"stopping (max_bad_steps={cfg.max_bad_steps}); the last checkpoints in {out} are "
+                               "intact and finite")
+
+    def save(names: list[str], step: int, extra: dict[str, float]) -> None:
+        info = {**extra, "aim_run": tracker.run_hash, "loader_states": gather_loader_states(batches),
+                "process_count": jax.process_count()}
+        writer.save(names, state, cfg.to_dict(), info)
+
     try:
         for step in range(start, total):
             images, labels = next(batches)
             state, metrics = train_step(state, *sharding.shard_batch(mesh, images, labels), teacher)
+            if pending is not None:
+                check_finite(pending, step)
+            pending = metrics
             window.append(metrics)
             n_window += cfg.data.train_batch_size
             done = step + 1
             bar.update(1)
+            names: list[str] = []
             if done % cfg.log_interval == 0 or done == total:
-                means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+                check_finite(metrics, done)
+                means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0] if k != "bad_streak"}
                 elapsed = time.perf_counter() - t_window
                 ips = n_window / elapsed
                 log = {f"train/{k}": v for k, v in means.items()}
+                log["train/skipped_steps"] = float(state.skipped)
                 log["train/images_per_sec"] = ips
                 log["train/tflops_per_sec"] = ips * flops_per_image / 1e12
-                log["train/skipped_samples"] = float(getattr(batches, "skipped", 0))
+                log["train/skipped_samples"] = float(total_skipped(batches))
                 tracker.log(done, log)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}", lr=f"{means['lr']:.2e}")
                 window, t_window, n_window = [], time.perf_counter(), 0
             if done % cfg.eval_interval == 0 or done == total:
+                check_finite(metrics, done)
                 models = {"val": state.model} | ({"val_ema": state.ema} if state.ema is not None else {})
                 evals = evaluate_many(models, valid_loader(cfg), mesh,
                                       progress=cfg.progress and jax.process_index() == 0)
@@ -197,17 +321,49 @@ def train(cfg: Config) -> dict[str, float]:
                 tracker.log(done, results)
                 bar.write(f"step {done}: val acc1 {val['acc1']:.4f} acc5 {val['acc5']:.4f} "
                           f"loss {val['loss']:.4f} ({val['num_samples']} samples)")
-                info = {**results, "aim_run": tracker.run_hash, "loader_state": batches.state,
-                        "process_count": jax.process_count()}
-                checkpoint.save(out, "last", state, cfg.to_dict(), info)
+                names.append("last")
                 if val["acc1"] > best:
                     best = val["acc1"]
-                    checkpoint.save(out, "best", state, cfg.to_dict(), info)
+                    names.append("best")
                 t_window = time.perf_counter()  # evaluation time is not training throughput
+            if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and "last" not in names:
+                names.append("last")
+            if cfg.keep_interval and done % cfg.keep_interval == 0:
+                names.append(f"step-{done:08d}")
+            if names:
+                check_finite(metrics, done)
+                save(names, done, results)
+            if kill_at == done:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if done < total and preempt.agreed():
+                check_finite(metrics, done)
+                if "last" not in names:
+                    save(["last"], done, results)
+                writer.wait()
+                if jax.process_index() == 0:
+                    print(f"preempted: saved checkpoint at step {done} in {checkpoint.checkpoint_dir(out, 'last')}",
+                          file=sys.stderr, flush=True)
+                return results
+        writer.wait()
     finally:
+        preempt.restore()
         bar.close()
         tracker.close()
         batches.close()
     if jax.process_index() == 0:
-        (out / "results.json").write_text(json.dumps({"step": int(state.step), **results, "val/best_acc1": best}))
+        write_text(checkpoint.join(out, "results.json"),
+                   json.dumps({"step": int(state.step), **results, "val/best_acc1": best}))
     return results
+
+
+def write_text(url: str, text: str) -> None:
+    """Write a small text file, local (atomically) or at any fsspec URL."""
+    fs, path = checkpoint.fs_path(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if "://" not in url:
+        tmp = f"{path}.tmp"
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "w") as f:
+            f.write(text)
