@@ -205,6 +205,15 @@ def candidates(output_dir: str | os.PathLike) -> list[str]:
     return [checkpoint_dir(output_dir, n) for _, _, n in sorted(found, reverse=True)]
 
 
+def remove_partial(output_dir: str | os.PathLike) -> None:
+    """Delete what interrupted writes left behind (`.tmp-*` directories)."""
+    fs, root = fs_path(checkpoint_dir(output_dir, ""))
+    if fs.exists(root):
+        for entry in fs.ls(root, detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1].startswith(".tmp-"):
+                fs.rm(entry, recursive=True)
+
+
 def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The state arrays of checkpoint `path`, verified against meta.json; a clear error naming
     the file when it is truncated or corrupt."""

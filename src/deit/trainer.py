@@ -247,6 +247,8 @@ def train(cfg: Config) -> dict[str, float]:
     opt = optim.build(cfg, skeleton)
     state, shardings = create_state(cfg, mesh, opt.tx)
     best, loader_state = -1.0, None
+    if jax.process_index() == 0:
+        checkpoint.remove_partial(out)
     state, meta = resume(out, state)
     if meta is not None:
         best = max([checkpoint.read_meta(p).get("val/acc1", -1.0) for p in checkpoint.candidates(out)] + [best])
@@ -334,6 +336,7 @@ def train(cfg: Config) -> dict[str, float]:
                 check_finite(metrics, done)
                 save(names, done, results)
             if kill_at == done:
+                writer.wait()  # a clean kill point; DEIT_FAULT=checkpoint:N kills mid-write
                 os.kill(os.getpid(), signal.SIGKILL)
             if done < total and preempt.agreed():
                 check_finite(metrics, done)
