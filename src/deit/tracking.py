@@ -91,7 +91,7 @@ class Tracker:
             self.run.close()
 
 
-def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, float]]:
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     fs, path = fsspec.core.url_to_fs(str(output_dir).rstrip("/") + "/metrics.jsonl")
     with fs.open(path, "r") as f:
         return [json.loads(line) for line in f.read().splitlines() if line.strip()]
