@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+import deit
+
 from deit import checkpoint, optim, recipes
 from deit.config import Config
 from deit.model import ViT
@@ -75,3 +77,22 @@ def test_non_finite_state_is_never_checkpointed(tmp_path):
     with pytest.raises(ValueError, match=r"non-finite values in \.model\.head\.bias"):
         checkpoint.save(tmp_path, "last", state, cfg.to_dict())
     assert checkpoint.candidates(tmp_path) == []
+
+
+def test_params_only_export_of_model_and_ema(tmp_path):
+    import convert  # src/convert.py
+
+    cfg = tiny_config()
+    state = make_state(cfg)
+    ema = jax.tree.map(lambda x: x + 1 if eqx.is_inexact_array(x) else x, state.ema)
+    state = eqx.tree_at(lambda s: s.ema, state, ema)
+    path = checkpoint.save(tmp_path, "best", state, cfg.to_dict())
+    assert convert.main([path, str(tmp_path / "model.safetensors")]) == 0
+    assert convert.main([path, str(tmp_path / "ema.safetensors"), "--ema"]) == 0
+    for file, want in (("model.safetensors", state.model), ("ema.safetensors", ema)):
+        got = deit.load_model(tmp_path / file)
+        assert got.cfg == cfg.model
+        for a, b in zip(leaves(got), leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    assert convert.main([str(tmp_path / "model.safetensors"), str(tmp_path / "x.safetensors"), "--ema"]) == 2
+

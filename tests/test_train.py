@@ -81,6 +81,9 @@ def test_short_training_run_resume_and_evaluate(tmp_path):
     assert json.loads((out / "config.json").read_text())["model"]["layers"] == 2
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "train/loss" in e] == [5, 10]
+    # MFU against this CPU's measured matmul peak: a fraction, and consistent with TFLOP/s.
+    for e in (e for e in events if "train/loss" in e):
+        assert 0 < e["train/mfu"] < 1 and e["train/tflops_per_sec"] > 0
     val = [e for e in events if "val/acc1" in e]
     assert len(val) == 1 and 0 <= val[0]["val/acc1"] <= 1 and val[0]["val/num_samples"] == 360
     assert (tmp_path / ".aim").is_dir()  # aim repo beside the run by default

@@ -30,6 +30,7 @@ from typing import Any
 import equinox as eqx
 import fsspec
 import jax
+import jax.numpy as jnp
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from jax.experimental import multihost_utils
@@ -232,6 +233,20 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return load_bytes(blob)
     except Exception as e:
         raise ValueError(f"checkpoint file {file} is unreadable ({type(e).__name__}: {e})") from e
+
+
+def load_ema(path: str | os.PathLike) -> Any:
+    """The EMA weights of checkpoint `path` as a model (for export: `convert.py --ema`)."""
+    from deit.interop import load_model
+
+    model = load_model(path)  # structure and config
+    arrays = read_arrays(path)
+    params, static = eqx.partition(model, eqx.is_array)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = [".ema" + jax.tree_util.keystr(p) for p, _ in leaves]
+    if keys[0] not in arrays:
+        raise ValueError(f"checkpoint {path} holds no EMA weights (train with --model-ema)")
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[k]) for k in keys]), static)
 
 
 def restore(path: str | os.PathLike, template: Any) -> Any:

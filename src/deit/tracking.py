@@ -61,6 +61,11 @@ class Tracker:
             Path(tmp).write_text(text)
             os.replace(tmp, self.path)
 
+    def set(self, key: str, value: Any) -> None:
+        """A run-level value (e.g. hardware facts) beside the hparams in aim."""
+        if self.enabled and self.run is not None:
+            self.run[key] = value
+
     @property
     def run_hash(self) -> str | None:
         return self.run.hash if self.run is not None else None

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deit import checkpoint, data, finetune, optim, sharding
+from deit import checkpoint, data, finetune, hardware, optim, sharding
 from deit.config import Config
 from deit.interop import load_model
 from deit.model import ViT, forward_flops
@@ -267,6 +267,9 @@ def train(cfg: Config) -> dict[str, float]:
     tracker = Tracker(out, cfg.to_dict(), cfg.aim_repo, experiment=out.rsplit("/", 1)[-1],
                       resume_step=start if meta is not None else None)
     flops_per_image = 3 * forward_flops(cfg.model)  # forward + backward
+    peak, peak_source = hardware.peak_flops(cfg.optim.compute_dtype)
+    tracker.set("hardware", {"peak_flops": peak, "peak_source": peak_source, "devices": jax.device_count(),
+                             "device_kind": jax.devices()[0].device_kind})
     results: dict[str, float] = {}
     window: list[dict[str, jax.Array]] = []
     t_window, n_window = time.perf_counter(), 0
@@ -309,6 +312,7 @@ def train(cfg: Config) -> dict[str, float]:
                 log["train/skipped_steps"] = float(state.skipped)
                 log["train/images_per_sec"] = ips
                 log["train/tflops_per_sec"] = ips * flops_per_image / 1e12
+                log["train/mfu"] = ips * flops_per_image / peak  # model FLOPs only (no remat recompute)
                 log["train/skipped_samples"] = float(total_skipped(batches))
                 tracker.log(done, log)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}", lr=f"{means['lr']:.2e}")

@@ -1,0 +1,57 @@
+"""The hardware's own limit, for MFU: model FLOP/s achieved / peak FLOP/s of the devices.
+
+Accelerators: the vendor's dense peak per chip (bf16; f32 matmuls on TPU run as bf16 passes,
+on NVIDIA GPUs as TF32 at half the bf16 rate). CPUs and unknown devices: a large matmul
+measured on the spot, so MFU reads "fraction of what this machine's matmul can do".
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# device_kind prefix -> dense bf16 FLOP/s per device (jax device).
+PEAK_BF16 = {
+    "TPU v2": 22.5e12,  # per core; jax exposes each core as a device
+    "TPU v3": 61.5e12,  # per core
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p
+    "TPU v6 lite": 918e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10G": 70e12,
+}
+
+
+def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
+    """FLOP/s of an n x n x n matmul, best of `repeats` timed runs after a warm-up."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s of all devices of the run together, where the figure comes from)."""
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for prefix in sorted(PEAK_BF16, key=len, reverse=True):  # the most specific name first
+        if kind.startswith(prefix):
+            peak = PEAK_BF16[prefix]
+            if dtype == "float32" and device.platform == "gpu":
+                peak /= 2  # TF32 tensor cores
+            return peak * jax.device_count(), f"spec:{prefix}"
+    # CPU: fake devices share the host's cores, so one matmul (on all cores) is the host's peak.
+    jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    return matmul_peak(dtype=jdtype, device=device) * jax.process_count(), f"measured:{device.platform}-matmul-{dtype}"
