@@ -202,20 +202,6 @@ def _timm_train_pipeline(size: int):
                       T.ToTensor(), T.Normalize(mean, std)]), torch
 
 
-# The JPEG decoder both sides use. We decode with PIL (Pillow's libjpeg-turbo) at full
-# resolution: it is the fastest CPU JPEG decoder at hand and the one timm's ImageFolder uses,
-# so the ratio measures the pipelines, not the decoders. No Image.draft (DCT-domain 1/2, 1/4,
-# 1/8 decoding): it only keeps the crop's pixels exact where the RandomResizedCrop box is at
-# least 2x the output on both sides, which a 224 crop of a 500x375 image never is (the short
-# side is < 448), so it would buy nothing on ImageNet-sized photos.
-def _jpeg_decoder() -> str:
-    import PIL
-    from PIL import features
-
-    turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
-    return f"PIL {PIL.__version__} ({turbo} {features.version('jpg')}), full-resolution decode, no draft"
-
-
 def cmd_loader(args: argparse.Namespace) -> dict:
     import io
     import tempfile
@@ -244,24 +230,28 @@ def cmd_loader(args: argparse.Namespace) -> dict:
         torch.set_num_threads(1)
         per_round = args.batches * args.batch
 
-        def ours() -> float:
+        def ours() -> tuple[float, float | None]:  # images/s, images per CPU second
             r = loader_bench.benchmark_loader(spec, image_size=args.size, batch_size=args.batch, workers=args.workers,
                                               batches=args.batches, warmup=args.warmup,
                                               shuffle_buffer=args.shuffle_buffer)
-            return r["images_per_s"]
+            return r["images_per_s"], r["images_per_cpu_s"]
 
-        def timm(i: int) -> float:
-            t0 = time.perf_counter()
+        def timm(i: int) -> tuple[float, float]:  # images/s, images per CPU second
+            t0, c0 = time.perf_counter(), time.process_time()
             for j in range(per_round):
                 # as timm's ImageFolder loader: PIL open + convert('RGB'), from the same tar bytes
                 tf(Image.open(io.BytesIO(files[(i * per_round + j) % len(files)])).convert("RGB"))
-            return per_round / (time.perf_counter() - t0)
+            return per_round / (time.perf_counter() - t0), per_round / (time.process_time() - c0)
 
         timm(-1) if args.rounds > 1 else None  # warm-up (imports, first-call costs)
-        ours_r, timm_r = [], []
+        ours_r, timm_r, ours_cpu, timm_cpu = [], [], [], []
         for i in range(args.rounds):  # interleaved: load from other processes hits both alike
-            ours_r.append(ours())
-            timm_r.append(timm(i))
+            ips, ipc = ours()
+            ours_r.append(ips)
+            ours_cpu.append(ipc)
+            ips, ipc = timm(i)
+            timm_r.append(ips)
+            timm_cpu.append(ipc)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -273,15 +263,21 @@ def cmd_loader(args: argparse.Namespace) -> dict:
                image_size=args.size, batch_size=args.batch, batches_per_round=args.batches, rounds=args.rounds,
                workers=args.workers, cores_used=cores, cpu=platform.processor() or platform.machine(),
                cpu_count=os.cpu_count(), load_average=[round(v, 2) for v in os.getloadavg()],
-               jpeg_decoder=_jpeg_decoder(),
-               ours_pipeline="tar read + seeded shuffle + PIL decode + RandomResizedCrop(bicubic) + uint8 batch "
+               jpeg_decoder=loader_bench.jpeg_decoder(), timm_jpeg_decoder=loader_bench.pil_jpeg_decoder(),
+               ours_pipeline="tar read + seeded shuffle + simplejpeg decode + RandomResizedCrop (Pillow's bicubic as "
+                             "sparse float32 matmuls, deit.crop.resize) + uint8 batch "
                              "(flip/RandAugment/normalize run on the device)",
                timm_pipeline="PIL decode + RandomResizedCrop(224, bicubic) + RandomHorizontalFlip + "
                              "RandAugment rand-m9-mstd0.5-inc1 + ToTensor + Normalize, torch 1 thread",
                ours_images_per_s=round(ours_ips, 1), ours_images_per_s_per_core=round(ours_ips / cores, 1),
                timm_images_per_s_per_core=round(timm_ips, 1),
                ratio_per_core=round(ours_ips / cores / timm_ips, 2),
-               ours_rounds=[round(v, 1) for v in ours_r], timm_rounds=[round(v, 1) for v in timm_r])
+               ours_rounds=[round(v, 1) for v in ours_r], timm_rounds=[round(v, 1) for v in timm_r],
+               round_ratios=[round(o / cores / t, 2) for o, t in zip(ours_r, timm_r)])
+    if args.workers == 0:  # CPU-time rates: robust to other processes on the cores (one process)
+        ours_c, timm_c = statistics.median(ours_cpu), statistics.median(timm_cpu)
+        out.update(ours_images_per_cpu_s=round(ours_c, 1), timm_images_per_cpu_s=round(timm_c, 1),
+                   ratio_per_cpu_s=round(ours_c / timm_c, 2))
     if tmp is not None:
         out["build_s"] = round(build_s, 1)
     return out

@@ -2,6 +2,8 @@
 
 Every recipe in `recipes/` is a subcommand; flags override its fields (deit3-jax's names).
 `--dry-run` prints the resolved config, parameter count and forward FLOPs as JSON and exits.
+With `--memory-report N` it adds XLA's per-device memory and compile time of the train step
+on N fake CPU devices (`deit.memory`).
 """
 
 import contextlib
@@ -71,7 +73,16 @@ def parse_or_exit(argv: list[str] | None) -> Config:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_or_exit(argv)
     if cfg.dry_run:
-        print(json.dumps({"config": cfg.to_dict(), "params": count_params(cfg.model), "flops": forward_flops(cfg.model)}))
+        info = {"config": cfg.to_dict(), "params": count_params(cfg.model), "flops": forward_flops(cfg.model)}
+        if cfg.memory_report:  # compiled in a subprocess: its fake device count is fixed before JAX starts
+            from deit.memory import report_subprocess
+
+            try:
+                info["memory"] = report_subprocess(cfg, cfg.memory_report)
+            except (ValueError, RuntimeError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2 if isinstance(e, ValueError) else 1)
+        print(json.dumps(info))
         return
     from deit.trainer import train  # heavy imports only when training
 
