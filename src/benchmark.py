@@ -9,6 +9,25 @@ Subcommands:
             decode, RandomResizedCrop, batching) next to timm's PIL train pipeline (decode,
             RandomResizedCrop, flip, RandAugment, ToTensor, Normalize) over the same JPEG bytes,
             one process, and their ratio per core. Without --shards: skimage photos as shards.
+  train     images/s of our full jitted train step (forward, backward, AdamW update, metrics) on
+            one device, with on-device augmentation off and on, and of the same step in
+            timm/PyTorch (same architecture built from our config, timm's AdamW, CE, torch threads
+            = usable cores, bf16 via autocast with --dtype bfloat16), eval forward of both, achieved
+            model FLOP/s and MFU against a large square matmul timed in the same run. All timed
+            calls interleave round by round; figures are medians (see deit.train_bench).
+            Fields: benchmark, model (ModelConfig), batch, image_size, dtype, backend, device, cpu,
+            cpu_count, threads, jax_version, xla_flags, load_average_start, load_average (at the
+            end), params, forward_flops_per_image (matmuls, deit.model.forward_flops), rounds,
+            train_images_per_s (augmentation off: normalise only), train_aug_images_per_s (the
+            DeiT recipe's RandAugment + erasing + Mixup/CutMix; field augment_recipe),
+            eval_images_per_s (steps.eval_step), train_flops_per_s (3 x forward FLOPs x images/s),
+            eval_flops_per_s, matmul_size, matmul_peak_flops_per_s (n x n f32/bf16 matmul in JAX,
+            best of 3 per round, median), train_mfu, eval_mfu (FLOP/s over that peak), compile_s
+            {train, eval, train_aug, matmul} (first call: trace + compile + one run),
+            ours_peak_host_rss_mib (process peak before torch is imported), peak_host_rss_mib
+            (whole run), device_peak_mib (accelerators only, else null), seconds {name: per round};
+            with timm: timm_version, torch_version, torch_threads, timm_device,
+            timm_train_images_per_s, timm_eval_images_per_s, train_ratio, eval_ratio (ours / timm).
 
 Add a subcommand: write `cmd_NAME(args) -> dict` and register its options in `SUBCOMMANDS`.
 """
@@ -283,6 +302,15 @@ def cmd_loader(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_train(args: argparse.Namespace) -> dict:
+    from deit import train_bench
+
+    cfg = train_bench.model_config(args.model, args.image_size, args.labels, args.layers)
+    return train_bench.benchmark_train(cfg, batch=args.batch, dtype=args.dtype, rounds=args.rounds,
+                                       warmup=args.warmup, matmul_size=args.matmul_size, timm=args.timm,
+                                       augment=args.augment)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[argparse.ArgumentParser], None], str]] = {
     "augment": (cmd_augment, lambda p: (
         p.add_argument("--batch", type=int, default=32),
@@ -305,6 +333,22 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[arg
         p.add_argument("--workers", type=int, default=0, help="loader worker processes (0: one core)"),
         p.add_argument("--shuffle-buffer", type=int, default=1000),
     ), "host train loader vs timm's PIL train pipeline, images/s per core on JPEGs"),
+    "train": (cmd_train, lambda p: (
+        p.add_argument("--model", default="s16", help="model preset (ti16, s16, b16, l16, h14)"),
+        p.add_argument("--batch", type=int, default=32),
+        p.add_argument("--image-size", type=int, default=224),
+        p.add_argument("--labels", type=int, default=1000),
+        p.add_argument("--layers", type=int, default=None, help="override the preset's depth (quick checks)"),
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="compute dtype (parameters and optimiser state stay f32)"),
+        p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (medians)"),
+        p.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation"),
+        p.add_argument("--matmul-size", type=int, default=3072, help="n of the n x n x n peak matmul"),
+        p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time timm/PyTorch's step"),
+        p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time the step with the DeiT recipe's on-device augmentation"),
+    ), "train step / eval forward images/s and MFU vs timm/PyTorch on the same architecture"),
 }
 
 

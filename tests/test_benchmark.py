@@ -33,3 +33,25 @@ def test_loader_subcommand_prints_one_json_object(capsys):
         assert result[k] > 0, k
     # CPU time can only be <= wall time for a one-thread loop, so per-CPU-second rates are >= wall rates
     assert result["timm_images_per_cpu_s"] >= 0.9 * result["timm_images_per_s_per_core"]
+
+
+def test_train_subcommand_prints_one_json_object(capsys):
+    result = benchmark.main(["train", "--model", "ti16", "--layers", "1", "--image-size", "32", "--batch", "4",
+                             "--labels", "10", "--rounds", "2", "--matmul-size", "128"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and json.loads(printed[0]) == result
+    assert result["benchmark"] == "train" and result["batch"] == 4 and result["dtype"] == "float32"
+    assert result["model"]["layers"] == 1 and result["model"]["dim"] == 192 and result["image_size"] == 32
+    assert len(result["load_average"]) == 3 and result["threads"] >= 1
+    for k in ("train_images_per_s", "train_aug_images_per_s", "eval_images_per_s", "timm_train_images_per_s",
+              "timm_eval_images_per_s", "train_flops_per_s", "matmul_peak_flops_per_s", "train_mfu", "eval_mfu",
+              "peak_host_rss_mib"):
+        assert result[k] > 0, k
+    assert abs(result["train_ratio"] * result["timm_train_images_per_s"] / result["train_images_per_s"] - 1) < 0.01
+    assert abs(result["eval_ratio"] * result["timm_eval_images_per_s"] / result["eval_images_per_s"] - 1) < 0.01
+    # MFU is achieved model FLOP/s (3x forward for a train step) over the measured matmul peak
+    fwd = result["forward_flops_per_image"]
+    assert abs(result["train_flops_per_s"] / (3 * fwd * result["train_images_per_s"]) - 1) < 0.01
+    assert abs(result["train_mfu"] * result["matmul_peak_flops_per_s"] / result["train_flops_per_s"] - 1) < 0.01
+    assert set(result["compile_s"]) == {"train", "eval", "train_aug", "matmul"}
+    assert all(len(v) == 2 for v in result["seconds"].values())
