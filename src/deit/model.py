@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
 from deit.config import ModelConfig
+from deit.sharding import constrain_batch
 from deit.layers import Block, Dropout, LayerNorm, Linear, PatchEmbed, trunc_normal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,7 +117,7 @@ class ViT(eqx.Module):
 
         def body(h, xs):
             p, k = xs
-            return eqx.combine(p, static)(h, key=k), None
+            return constrain_batch(eqx.combine(p, static)(constrain_batch(h), key=k)), None
 
         if self.cfg.grad_ckpt:
             body = jax.checkpoint(body)  # rematerialise each block in the backward pass

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
-from deit import augment
+from deit import augment, sharding
 from deit.config import Config
 from deit.model import ViT
 
@@ -105,6 +105,10 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
 
     def step_fn(state: TrainState, images: UInt8[Array, "b h w 3"], labels: Int[Array, " b"],
                 teacher: ViT | None = None):
+        with sharding.mesh_context(state_shardings):  # activations stay batch-sharded (constrain_batch)
+            return _step(state, images, labels, teacher)
+
+    def _step(state: TrainState, images, labels, teacher):
         k_aug, k_mix = jax.random.split(jax.random.fold_in(jax.random.key(cfg.augment.mixup_seed), state.step))
         k_drop = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
         x = augment.train_transform(cfg.augment, k_aug, images)
