@@ -87,7 +87,8 @@ def evaluate_many(models: dict[str, ViT], batches: Iterator, mesh: jax.sharding.
     for images, labels, mask in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         batch = sharding.shard_batch(mesh, images, labels, mask)
         for name, model in models.items():
-            sums = eval_step(model, *batch)
+            with sharding.mesh_context([b.sharding for b in batch]):  # batch-sharded activations
+                sums = eval_step(model, *batch)
             totals[name] = sums if totals[name] is None else jax.tree.map(lambda a, b: a + b, totals[name], sums)
     results = {}
     for name, t in totals.items():
