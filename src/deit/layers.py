@@ -22,7 +22,28 @@ def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float = 0.02) -
 
 
 def gelu(x: Array, approximate: bool) -> Array:
-    return jax.nn.gelu(x, approximate=approximate)
+    return jax.nn.gelu(x, approximate=True) if approximate else gelu_exact(x)
+
+
+@jax.custom_vjp
+def gelu_exact(x: Array) -> Array:
+    """erf GELU whose backward keeps only its input: autodiff of jax.nn.gelu saves erf and
+    exp terms of the [B, T, 4D] hidden layer too (two more activation-sized stacks per block
+    under the layer scan; about 4% of a ViT-S/16 CPU train step)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_exact_fwd(x: Array) -> tuple[Array, Array]:
+    return gelu_exact(x), x
+
+
+def _gelu_exact_bwd(x: Array, g: Array) -> tuple[Array]:
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((g * (cdf + x * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
 
 
 class Linear(eqx.Module):
@@ -167,7 +188,9 @@ class Attention(eqx.Module):
         b, t, d = x.shape
         q, k, v = self._qkv(x)
         attn = self.attn_drop(self._probs(q, k), key=k1)
-        out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b, t, d)
+        # attn @ v in the [B, heads, T, hd] layout, then one transpose: asking the einsum for
+        # bqhd directly makes XLA:CPU run it as a slow transposed-output batched dot.
+        out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, t, d)
         return self.proj_drop(self.proj(out), key=k2)
 
 
