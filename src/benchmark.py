@@ -27,7 +27,9 @@ Subcommands:
             ours_peak_host_rss_mib (process peak before torch is imported), peak_host_rss_mib
             (whole run), device_peak_mib (accelerators only, else null), seconds {name: per round};
             with timm: timm_version, torch_version, torch_threads, timm_device,
-            timm_train_images_per_s, timm_eval_images_per_s, train_ratio, eval_ratio (ours / timm).
+            timm_train_images_per_s, timm_eval_images_per_s, train_ratio, eval_ratio (ours / timm);
+            on accelerators with a known spec (deit.hardware): vendor_peak_flops_per_s,
+            vendor_peak_source, train_mfu_vendor. XLA flags come from $XLA_FLAGS (recorded).
 
 Add a subcommand: write `cmd_NAME(args) -> dict` and register its options in `SUBCOMMANDS`.
 """
@@ -343,7 +345,8 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[arg
                        help="compute dtype (parameters and optimiser state stay f32)"),
         p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (medians)"),
         p.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation"),
-        p.add_argument("--matmul-size", type=int, default=3072, help="n of the n x n x n peak matmul"),
+        p.add_argument("--matmul-size", type=int, default=None,
+                       help="n of the n x n x n peak matmul (default 3072 on CPU, 8192 on accelerators)"),
         p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
                        help="also time timm/PyTorch's step"),
         p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,

@@ -187,11 +187,12 @@ def device_peak_mib() -> float | None:
 
 
 def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float32", rounds: int = 5,
-                    warmup: int = 1, matmul_size: int = 3072, timm: bool = True, augment: bool = True,
+                    warmup: int = 1, matmul_size: int | None = None, timm: bool = True, augment: bool = True,
                     threads: int | None = None) -> dict[str, Any]:
     """Images/s of our train step (augmentation off and on), eval forward, timm's, MFU; see
     src/benchmark.py's docstring for the fields."""
     threads = threads or len(os.sched_getaffinity(0))
+    matmul_size = matmul_size or (3072 if jax.default_backend() == "cpu" else 8192)
     load_start = os.getloadavg()
     images, labels = images_and_labels(batch, model.image_size, max(model.labels, 1))
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -235,6 +236,14 @@ def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float3
         ours_peak_host_rss_mib=round(ours_rss, 1), peak_host_rss_mib=round(peak_rss_mib(), 1),
         device_peak_mib=device_peak,
         seconds={k: [round(s, 4) for s in v] for k, v in times.items()})
+    if jax.default_backend() != "cpu":  # accelerators: also MFU against the vendor's dense peak
+        from deit.hardware import peak_flops
+
+        vendor, source = peak_flops(dtype)
+        if source.startswith("spec:"):
+            vendor /= jax.device_count()  # one device is used here
+            out.update(vendor_peak_flops_per_s=vendor, vendor_peak_source=source,
+                       train_mfu_vendor=round(3 * flops * ips["train"] / vendor, 4))
     if augment:
         out["train_aug_images_per_s"] = round(ips["train_aug"], 2)
         out["augment_recipe"] = AUGMENT_RECIPE
