@@ -17,3 +17,9 @@ sys.path.insert(0, str(SRC))
 
 install_import_hook("deit", "beartype.beartype")  # stays installed for the whole session
 import deit  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow end-to-end tests first: with pytest-xdist (`-n auto` in pyproject) they start at
+    once and the rest of the suite runs beside them, instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
