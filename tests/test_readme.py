@@ -64,7 +64,7 @@ def script_help(script: str, words: list[str]) -> str:
     """--help of a script, of its subcommand when the command names one."""
     if script == "train.py":
         return help_text("src/train.py", "recipes:tiny-digits")
-    sub = {"prepare.py": ("digits", "folder"), "benchmark.py": ("augment", "loader")}.get(script, ())
+    sub = {"prepare.py": ("digits", "folder"), "benchmark.py": ("augment", "loader", "train")}.get(script, ())
     first = next((w for w in words if not w.startswith("-")), None)
     return help_text(f"src/{script}", *([first] if first in sub else []))
 
@@ -108,7 +108,7 @@ def test_prose_flags_exist():
     helps = help_text("src/train.py", "recipes:tiny-digits") + "".join(
         script_help(s, [sub] if sub else []) for s, sub in [("evaluate.py", None), ("convert.py", None),
                                                            ("predict.py", None), ("prepare.py", "folder"),
-                                                           ("benchmark.py", "loader")])
+                                                           ("benchmark.py", "loader"), ("benchmark.py", "train")])
     missing = [f for f in sorted(flags) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", helps)]
     assert not missing, missing
 
