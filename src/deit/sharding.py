@@ -8,6 +8,7 @@ Both axes are `AxisType.Auto`: we annotate inputs and state, and XLA's partition
 the collectives (all-gathers of fsdp-sharded weights, gradient reductions).
 """
 
+import contextlib
 import math
 
 import jax
@@ -33,8 +34,6 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 def mesh_context(shardings):
     """The abstract-mesh context of the first NamedSharding in `shardings` (for tracing a step
     so that `constrain_batch` sees the mesh); a null context when there is none."""
-    import contextlib
-
     for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
         if isinstance(s, NamedSharding):
             return jax.sharding.use_abstract_mesh(s.mesh.abstract_mesh)

@@ -27,8 +27,8 @@ class Tracker:
         self.run = None
         if not self.enabled:
             return
-        url = str(output_dir).rstrip("/") + "/metrics.jsonl"
-        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.url = str(output_dir).rstrip("/") + "/metrics.jsonl"
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
         self.remote = not isinstance(self.fs, LocalFileSystem)
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         self.lines: list[str] = []
@@ -52,14 +52,9 @@ class Tracker:
             self.run = None
 
     def _rewrite(self) -> None:
-        text = "".join(ln + "\n" for ln in self.lines)
-        if self.remote:
-            with self.fs.open(self.path, "w") as f:
-                f.write(text)
-        else:
-            tmp = self.path + ".tmp"
-            Path(tmp).write_text(text)
-            os.replace(tmp, self.path)
+        from deit.checkpoint import write_text  # deferred: checkpoint pulls in the model
+
+        write_text(self.url, "".join(ln + "\n" for ln in self.lines))
 
     def set(self, key: str, value: Any) -> None:
         """A run-level value (e.g. hardware facts) beside the hparams in aim."""

@@ -242,7 +242,7 @@ def train(cfg: Config) -> dict[str, float]:
     check_batch(cfg, mesh)
     writer = checkpoint.Writer(out, sync=not cfg.async_checkpoint)
     if jax.process_index() == 0:
-        write_text(checkpoint.join(out, "config.json"), cfg.to_json(indent=1))
+        checkpoint.write_text(checkpoint.join(out, "config.json"), cfg.to_json(indent=1))
 
     skeleton = eqx.filter_eval_shape(ViT, cfg.model, key=jax.random.key(0))
     opt = optim.build(cfg, skeleton)
@@ -359,19 +359,7 @@ def train(cfg: Config) -> dict[str, float]:
         tracker.close()
         batches.close()
     if jax.process_index() == 0:
-        write_text(checkpoint.join(out, "results.json"),
+        checkpoint.write_text(checkpoint.join(out, "results.json"),
                    json.dumps({"step": int(state.step), **results, "val/best_acc1": best}))
     return results
 
-
-def write_text(url: str, text: str) -> None:
-    """Write a small text file, local (atomically) or at any fsspec URL."""
-    fs, path = checkpoint.fs_path(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    if "://" not in url:
-        tmp = f"{path}.tmp"
-        Path(tmp).write_text(text)
-        os.replace(tmp, path)
-    else:
-        with fs.open(path, "w") as f:
-            f.write(text)
