@@ -29,8 +29,11 @@ def gelu(x: Array, approximate: bool) -> Array:
 def gelu_exact(x: Array) -> Array:
     """erf GELU whose backward keeps only its input: autodiff of jax.nn.gelu saves erf and
     exp terms of the [B, T, 4D] hidden layer too (two more activation-sized stacks per block
-    under the layer scan; about 4% of a ViT-S/16 CPU train step)."""
-    return jax.nn.gelu(x, approximate=False)
+    under the layer scan; about 4% of a ViT-S/16 CPU train step).
+
+    Written with erf, as PyTorch's GELU, rather than jax.nn.gelu's erfc: erf is a cheap
+    rational polynomial in XLA, erfc needs an exp (the forward runs ~25% faster on CPU)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 def _gelu_exact_fwd(x: Array) -> tuple[Array, Array]:
@@ -57,8 +60,12 @@ class Linear(eqx.Module):
         self.bias = jnp.zeros((out_features,), jnp.float32)
 
     def __call__(self, x: Float[Array, "*b in"]) -> Float[Array, "*b out"]:
+        # One 2-D matmul over the flattened leading axes: an einsum keeping [B, T] as two
+        # free dims of the dot makes XLA:CPU add activation-sized transposes around the
+        # backward's weight-gradient dots (ViT-S/16 CPU grad step ~7% slower).
         w = self.weight.astype(x.dtype)
-        return jnp.einsum("...i,oi->...o", x, w) + self.bias.astype(x.dtype)
+        y = x.reshape(-1, x.shape[-1]) @ w.T + self.bias.astype(x.dtype)
+        return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 class LayerNorm(eqx.Module):
