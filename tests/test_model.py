@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import timm
@@ -103,6 +104,25 @@ def test_scan_equals_unrolled_loop():
     ckpt = eqx.nn.inference_mode(m.with_options(grad_ckpt=True))
     assert ckpt.cfg.grad_ckpt
     np.testing.assert_allclose(np.asarray(ckpt(x)), np.asarray(ref), atol=1e-5)
+    # So do partly (2 of 3: a remainder iteration) and fully unrolled scans.
+    for unroll in (2, 3):
+        np.testing.assert_allclose(np.asarray(m.with_options(scan_unroll=unroll)(x)), np.asarray(ref), atol=1e-5)
+
+
+def test_unrolled_scan_trains_the_same():
+    """Gradients with drop path (per-block keys) match between the scanned and unrolled model."""
+    m = init_model(small(droppath=0.2))
+    x, y = jax.random.normal(KEY, (4, 16, 16, 3)), jnp.arange(4)
+
+    def grads(model):
+        loss = lambda mm: optax.softmax_cross_entropy_with_integer_labels(mm(x, key=KEY), y).mean()
+        return eqx.filter_grad(loss)(model)
+
+    ref = jax.tree.leaves(grads(m))
+    for a, b in zip(ref, jax.tree.leaves(grads(m.with_options(scan_unroll=3)))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="scan_unroll=4: must be in"):
+        small(scan_unroll=4)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(pooling="gap"), dict(posemb="sincos2d"), dict(distilled=True),

@@ -46,6 +46,11 @@ class ModelConfig:
     dropout: float = 0.0
     droppath: float = 0.0
     grad_ckpt: bool = False
+    scan_unroll: int = 1
+    """Blocks per iteration of the layer scan: 1 keeps compile time flat in depth; `layers`
+    unrolls it fully, which lets XLA keep each block's activations in place instead of
+    stacking them (ViT-S/16 train step ~10% faster on CPU), at a compile time growing with
+    depth. Same math; float rounding may differ in the last bits."""
     gelu: Literal["exact", "tanh"] = "exact"
     """'exact' (erf) as timm; deit3-jax's flax models use 'tanh'."""
     distilled: bool = False
@@ -54,6 +59,8 @@ class ModelConfig:
     def __post_init__(self):
         checks = [
             (self.layers >= 1, f"layers={self.layers}: must be >= 1"),
+            (1 <= self.scan_unroll <= self.layers,
+             f"scan_unroll={self.scan_unroll}: must be in [1, layers={self.layers}]"),
             (self.dim >= 1 and self.heads >= 1 and self.dim % self.heads == 0,
              f"dim={self.dim} is not divisible by heads={self.heads}"),
             (self.labels >= 0, f"labels={self.labels}: must be >= 0"),

@@ -2,7 +2,8 @@
 
 Blocks are stored stacked (every array leaf of `blocks` has a leading `layers` axis) and
 run under `lax.scan`, so trace and compile time stay flat from Ti/16 (12 blocks) to H/14
-(32 blocks). Train/eval is toggled with `eqx.nn.inference_mode`.
+(32 blocks); `scan_unroll` trades that for speed (see ModelConfig). Train/eval is toggled
+with `eqx.nn.inference_mode`.
 """
 
 import dataclasses
@@ -86,8 +87,9 @@ class ViT(eqx.Module):
         self.head_dist = Linear(d, cfg.labels, key=k_hdist) if cfg.labels > 0 and cfg.distilled else None
 
     def with_options(self, **changes: Any) -> "ViT":
-        """The same weights under changed non-structural options (grad_ckpt, dropout, droppath, gelu)."""
-        allowed = {"grad_ckpt", "dropout", "droppath", "gelu"}
+        """The same weights under changed non-structural options (grad_ckpt, scan_unroll, dropout,
+        droppath, gelu)."""
+        allowed = {"grad_ckpt", "scan_unroll", "dropout", "droppath", "gelu"}
         if set(changes) - allowed:
             raise ValueError(f"cannot change {sorted(set(changes) - allowed)} of a built model; allowed: {sorted(allowed)}")
         cfg = dataclasses.replace(self.cfg, **changes)
@@ -122,7 +124,7 @@ class ViT(eqx.Module):
         if self.cfg.grad_ckpt:
             body = jax.checkpoint(body)  # rematerialise each block in the backward pass
         keys = jax.random.split(key, self.cfg.layers) if key is not None else None
-        x, _ = jax.lax.scan(body, x, (params, keys))
+        x, _ = jax.lax.scan(body, x, (params, keys), unroll=self.cfg.scan_unroll)
         return x
 
     def features(self, x: Float[Array, "b h w 3"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
