@@ -27,7 +27,8 @@ Subcommands:
             ours_peak_host_rss_mib (process peak before torch is imported), peak_host_rss_mib
             (whole run), device_peak_mib (accelerators only, else null), seconds {name: per round};
             with timm: timm_version, torch_version, torch_threads, timm_device,
-            timm_train_images_per_s, timm_eval_images_per_s, train_ratio, eval_ratio (ours / timm);
+            timm_train_images_per_s, timm_eval_images_per_s, train_ratio, eval_ratio (ours / timm),
+            timm_train_mfu, timm_eval_mfu (timm's model FLOP/s over the same peak);
             on accelerators with a known spec (deit.hardware): vendor_peak_flops_per_s,
             vendor_peak_source, train_mfu_vendor. XLA flags come from $XLA_FLAGS (recorded).
 
@@ -307,7 +308,7 @@ def cmd_loader(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     from deit import train_bench
 
-    cfg = train_bench.model_config(args.model, args.image_size, args.labels, args.layers)
+    cfg = train_bench.model_config(args.model, args.image_size, args.labels, args.layers, args.scan_unroll)
     return train_bench.benchmark_train(cfg, batch=args.batch, dtype=args.dtype, rounds=args.rounds,
                                        warmup=args.warmup, matmul_size=args.matmul_size, timm=args.timm,
                                        augment=args.augment)
@@ -341,6 +342,8 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[arg
         p.add_argument("--image-size", type=int, default=224),
         p.add_argument("--labels", type=int, default=1000),
         p.add_argument("--layers", type=int, default=None, help="override the preset's depth (quick checks)"),
+        p.add_argument("--scan-unroll", type=int, default=1,
+                       help="blocks per layer-scan iteration (model.scan_unroll; 0: all, fully unrolled)"),
         p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype (parameters and optimiser state stay f32)"),
         p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (medians)"),

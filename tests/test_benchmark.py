@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import benchmark  # src/benchmark.py (conftest puts src/ on sys.path)
 
 
@@ -36,12 +38,12 @@ def test_loader_subcommand_prints_one_json_object(capsys):
 
 
 def test_train_subcommand_prints_one_json_object(capsys):
-    result = benchmark.main(["train", "--model", "ti16", "--layers", "1", "--image-size", "32", "--batch", "4",
-                             "--labels", "10", "--rounds", "2", "--matmul-size", "128"])
+    result = benchmark.main(["train", "--model", "ti16", "--layers", "2", "--scan-unroll", "0", "--image-size", "32",
+                             "--batch", "4", "--labels", "10", "--rounds", "2", "--matmul-size", "128"])
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and json.loads(printed[0]) == result
     assert result["benchmark"] == "train" and result["batch"] == 4 and result["dtype"] == "float32"
-    assert result["model"]["layers"] == 1 and result["model"]["dim"] == 192 and result["image_size"] == 32
+    assert result["model"]["layers"] == 2 and result["model"]["dim"] == 192 and result["image_size"] == 32
     assert len(result["load_average"]) == 3 and result["threads"] >= 1
     for k in ("train_images_per_s", "train_aug_images_per_s", "eval_images_per_s", "timm_train_images_per_s",
               "timm_eval_images_per_s", "train_flops_per_s", "matmul_peak_flops_per_s", "train_mfu", "eval_mfu",
@@ -53,5 +55,10 @@ def test_train_subcommand_prints_one_json_object(capsys):
     fwd = result["forward_flops_per_image"]
     assert abs(result["train_flops_per_s"] / (3 * fwd * result["train_images_per_s"]) - 1) < 0.01
     assert abs(result["train_mfu"] * result["matmul_peak_flops_per_s"] / result["train_flops_per_s"] - 1) < 0.01
+    # timm's model FLOP/s over the same peak
+    peak = result["matmul_peak_flops_per_s"]
+    assert result["timm_train_mfu"] == pytest.approx(3 * fwd * result["timm_train_images_per_s"] / peak, rel=0.02, abs=1e-4)
+    assert result["timm_eval_mfu"] == pytest.approx(fwd * result["timm_eval_images_per_s"] / peak, rel=0.02, abs=1e-4)
+    assert result["model"]["scan_unroll"] == 2  # --scan-unroll 0: all of --layers 2
     assert set(result["compile_s"]) == {"train", "eval", "train_aug", "matmul"}
     assert all(len(v) == 2 for v in result["seconds"].values())

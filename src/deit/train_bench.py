@@ -45,9 +45,12 @@ def bench_config(model: ModelConfig, batch: int, dtype: str, augment: bool) -> C
     return dataclasses.replace(cfg, model=model, augment=aug)
 
 
-def model_config(name: str, image_size: int = 224, labels: int = 1000, layers: int | None = None) -> ModelConfig:
-    """A preset at a given resolution / label count (`layers` shrinks it for quick checks)."""
-    return preset(name, image_size=image_size, labels=labels, **({"layers": layers} if layers else {}))
+def model_config(name: str, image_size: int = 224, labels: int = 1000, layers: int | None = None,
+                 scan_unroll: int = 1) -> ModelConfig:
+    """A preset at a given resolution / label count (`layers` shrinks it for quick checks);
+    `scan_unroll` 0 unrolls the layer scan fully."""
+    cfg = preset(name, image_size=image_size, labels=labels, **({"layers": layers} if layers else {}))
+    return dataclasses.replace(cfg, scan_unroll=scan_unroll or cfg.layers)
 
 
 def images_and_labels(batch: int, size: int, labels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -256,5 +259,9 @@ def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float3
                    timm_train_images_per_s=round(ips["timm_train"], 2),
                    timm_eval_images_per_s=round(ips["timm_eval"], 2),
                    train_ratio=round(ips["train"] / ips["timm_train"], 3),
-                   eval_ratio=round(ips["eval"] / ips["timm_eval"], 3))
+                   eval_ratio=round(ips["eval"] / ips["timm_eval"], 3),
+                   # timm's model FLOP/s against the same peak: a ratio r over timm needs our MFU
+                   # to reach r times this, so above 1 / timm_*_mfu no step of ours can get.
+                   timm_train_mfu=round(3 * flops * ips["timm_train"] / peak, 4),
+                   timm_eval_mfu=round(flops * ips["timm_eval"] / peak, 4))
     return out
