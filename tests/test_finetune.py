@@ -197,7 +197,8 @@ def test_train_cli_fine_tunes_from_checkpoint(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "src/train.py", "recipes:tiny-digits", "--training-steps", "1",
                         "--eval-interval", "1", "--layers", "2", "--dim", "32", "--heads", "2",
-                        "--posemb", "learnable", "--pooling", "cls", "--train-batch-size", "16", "--random-crop", "none", "--no-progress",
+                        "--posemb", "learnable", "--pooling", "cls", "--train-batch-size", "16",
+                        "--random-crop", "none", "--no-progress",
                         "--learning-rate", "0",  # the one step moves weights by ~1e-6 (warmup starts at 1e-6)
                         "--pretrained-ckpt", str(ckpt), "--output-dir", str(out)],
                        cwd=ROOT, env={**os.environ, "XLA_FLAGS": "", "DEIT_CACHE": str(tmp_path / "cache")},

@@ -119,7 +119,7 @@ def test_unrolled_scan_trains_the_same():
         return eqx.filter_grad(loss)(model)
 
     ref = jax.tree.leaves(grads(m))
-    for a, b in zip(ref, jax.tree.leaves(grads(m.with_options(scan_unroll=3)))):
+    for a, b in zip(ref, jax.tree.leaves(grads(m.with_options(scan_unroll=3))), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="scan_unroll=4: must be in"):
         small(scan_unroll=4)
