@@ -6,6 +6,11 @@ then decodes and crops (in worker processes if asked) and assembles batches in a
 thread. Every random choice derives from (shuffle_seed, epoch, ...), never from worker timing,
 so the batches are the same for any worker count and a resumed loader repeats them exactly.
 
+Repeated augmentation (augment_repeats k, as deit3-jax): each decoded sample is k consecutive
+slots of the sample stream, each copy cropped independently; batches are cut from that stream
+at any size (a sample's copies may straddle two batches), and inside each micro-batch the slots
+are reordered `b[i::k]` for i < k so that copies land on different data-parallel devices.
+
 Valid: every sample exactly once; batches padded with mask False, and every process yields
 the same number of batches, so a multi-host eval loop never waits on a missing collective.
 """
@@ -34,7 +39,7 @@ from typing import Any, NamedTuple
 import braceexpand
 import numpy as np
 import simplejpeg
-from jaxtyping import Float, UInt8
+from jaxtyping import Float, Int, UInt8
 from PIL import Image
 from tqdm import tqdm
 from webdataset.gopen import gopen
@@ -576,6 +581,43 @@ def _produce(batches: Iterator[tuple[Any, dict]], q: queue.Queue, stop: threadin
     put(("end", None))
 
 
+STATE_KEYS = ("epoch", "offset", "copies", "skipped")
+"""Train loader state: the next slot of the repeated stream is copy `copies` of record `offset`
+of `epoch` (records before it are done); `skipped` counts the corrupt records dropped so far."""
+
+
+def spread_order(n: int, k: int) -> Int[np.ndarray, " n"]:
+    """deit3-jax's order of n consecutive stream slots in its loader batch,
+    `sum([batch[i::k] for i in range(k)], [])`: a sample's k copies end up about n/k apart."""
+    return np.concatenate([np.arange(i, n, k) for i in range(k)])
+
+
+def slot_positions(local: int, accum: int, k: int) -> Int[np.ndarray, " local"]:
+    """Host-batch index of each of the batch's `local` consecutive stream slots.
+
+    The train step splits the batch into `accum` contiguous micro-batches, and deit3-jax's loader
+    batch is one micro-batch, so each micro-batch is cut from the stream and spread on its own.
+    """
+    m = local // accum
+    return (np.arange(accum)[:, None] * m + np.argsort(spread_order(m, k))[None]).reshape(-1)
+
+
+def stream_state(epoch: int, index: int, copy: int, k: int, skipped: int) -> dict[str, int]:
+    """State after handing out copy `copy` (of k) of record `index`: past it once all copies are out."""
+    done = copy + 1 == k
+    return {"epoch": epoch, "offset": index + done, "copies": 0 if done else copy + 1, "skipped": skipped}
+
+
+def full_state(state: dict[str, int], k: int) -> dict[str, int]:
+    """A given train state with every key; states of older checkpoints lack `copies` (0 pending)."""
+    if set(state) not in (set(STATE_KEYS), set(STATE_KEYS) - {"copies"}):
+        raise ValueError(f"loader state {state}: expected keys {', '.join(STATE_KEYS)} (copies may be absent)")
+    state = {key: int(state.get(key, 0)) for key in STATE_KEYS}
+    if not 0 <= state["copies"] < k:
+        raise ValueError(f"loader state {state}: copies must be in [0, augment_repeats={k})")
+    return state
+
+
 def split_batch(batch_size: int, process_count: int, name: str) -> int:
     if batch_size < 1 or batch_size % process_count:
         raise ValueError(f"{name}={batch_size}: must be a positive multiple of process_count={process_count}")
@@ -590,17 +632,23 @@ def check_process(process_index: int, process_count: int) -> None:
 
 def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg: Config, process_index: int,
                  process_count: int, state: dict[str, int]) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], dict]]:
-    """Batches with the resume state after each: the position just past the batch's last sample."""
+    """Batches with the resume state after each: the stream position just past the batch's last slot.
+
+    The stream holds each decoded record k times in a row (copy c cropped with `crop_rng(..., c)`);
+    a batch is its next `local` slots, placed by `slot_positions`. A state with `copies` > 0 resumes
+    inside a record: its first `copies` copies went out in the previous batch.
+    """
     size, k = cfg.model.image_size, cfg.augment.augment_repeats
-    n = cfg.data.train_batch_size // process_count // k
+    local = cfg.data.train_batch_size // process_count
+    place = slot_positions(local, cfg.optim.grad_accum, k)
     seed = cfg.data.shuffle_seed
     records = train_records(urls, seed, cfg.data.shuffle_buffer, cfg.model.labels, process_index,
                             process_count, state["epoch"], state["offset"])
     fn = functools.partial(decode_train, size=size, mode=cfg.augment.random_crop, repeats=k, seed=seed)
-    chunk = max(1, min(n, 32))
-    skipped = state["skipped"]
-    images = np.empty((k, n, size, size, 3), np.uint8)
-    labels = np.empty((n,), np.int32)
+    chunk = max(1, min(-(-local // k), 32))
+    skipped, first = state["skipped"], state["copies"]  # first: copies of the first record already out
+    images = np.empty((local, size, size, 3), np.uint8)
+    labels = np.empty((local,), np.int32)
     j, current, good = 0, state["epoch"], 1  # good: decoded samples of epoch `current`
     for recs, crops in ordered_map(fn, chunked(records, chunk), pool, 2 * cfg.data.train_loader_workers + 1):
         for (epoch, i, rec), crops_ in zip(recs, crops):
@@ -610,31 +658,35 @@ def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
                                      f"{current} of {len(urls)} shard(s), e.g. {urls[0]}")
                 current, good = epoch, 0
             if crops_ is None:
-                skipped += 1
+                skipped, first = skipped + 1, 0
                 if skipped <= 10:
                     log.warning("skipping corrupt sample %r in %s", rec.key, rec.url)
                 continue
-            images[:, j], labels[j] = crops_, rec.label
-            j, good = j + 1, good + 1
-            if j == n:
-                yield ((images.reshape(k * n, size, size, 3), np.tile(labels, k)),
-                       {"epoch": epoch, "offset": i + 1, "skipped": skipped})
-                images, labels, j = np.empty_like(images), np.empty_like(labels), 0
+            good += 1
+            for c in range(first, k):
+                images[place[j]], labels[place[j]] = crops_[c], rec.label
+                j += 1
+                if j == local:
+                    yield (images, labels), stream_state(epoch, i, c, k, skipped)
+                    images, labels, j = np.empty_like(images), np.empty_like(labels), 0
+            first = 0
 
 
 def skip_state(urls: list[str], cfg: Config, process_index: int, process_count: int, steps: int) -> dict[str, int]:
     """Resume state after `steps` batches, computed from per-shard sample flags alone.
 
-    Whole epochs are skipped by counting; in the last one the shuffle buffer is replayed on
-    indices (its order depends only on the seed and the count, not on the data). Exact unless
-    images that fail to decode came before that point (only decoding finds those); the
-    `state` of a running loader is exact always.
+    `steps` batches are steps * local slots of the repeated stream: `need` = ceil(slots / k)
+    records begun, the last with `slots % k` copies out (0: all k). Whole epochs are skipped by
+    counting; in the last one the shuffle buffer is replayed on indices (its order depends only
+    on the seed and the count, not on the data). Exact unless images that fail to decode came
+    before that point (only decoding finds those); the `state` of a running loader is exact always.
     """
-    seed, labels = cfg.data.shuffle_seed, cfg.model.labels
-    need = steps * (cfg.data.train_batch_size // process_count // cfg.augment.augment_repeats)
+    seed, labels, k = cfg.data.shuffle_seed, cfg.model.labels, cfg.augment.augment_repeats
+    slots = steps * (cfg.data.train_batch_size // process_count)
+    need, copies = -(-slots // k), slots % k
     skipped = 0
     if need == 0:
-        return {"epoch": 0, "offset": 0, "skipped": 0}
+        return {"epoch": 0, "offset": 0, "copies": 0, "skipped": 0}
     for epoch in itertools.count():
         flags = epoch_flags(urls, seed, epoch, labels, process_index, process_count)
         if not flags.any():
@@ -647,7 +699,9 @@ def skip_state(urls: list[str], cfg: Config, process_index: int, process_count: 
         order = np.fromiter(shuffled(range(len(flags)), cfg.data.shuffle_buffer,
                                      shuffle_rng(seed, epoch, process_index)), int, len(flags))
         last = int(np.searchsorted(np.cumsum(flags[order]), need))  # index of the need-th good record
-        return {"epoch": epoch, "offset": last + 1, "skipped": skipped + last + 1 - need}
+        # a partly handed-out record is still pending: the stream resumes at it, not past it
+        return {"epoch": epoch, "offset": last + (copies == 0), "copies": copies,
+                "skipped": skipped + last + 1 - need}
     raise AssertionError("unreachable")
 
 
@@ -655,16 +709,19 @@ def train_batches(cfg: Config, *, process_index: int = 0, process_count: int = 1
                   state: dict[str, int] | None = None, prefetch: int = 4) -> Loader:
     """Infinite iterator of (images uint8 [local_batch, S, S, 3], labels int32 [local_batch]).
 
-    local_batch = train_batch_size // process_count. With augment_repeats k each decoded
-    sample fills k slots, copy c of sample j at index c * local_batch/k + j (as deit3-jax),
-    so consecutive device shards of the batch hold different samples. Resume with the
-    `state` of a previous loader (exact) or `start_step` (replays the stream).
+    local_batch = train_batch_size // process_count, of any size. With augment_repeats k each
+    decoded sample is k consecutive slots of this process's sample stream (cropped independently)
+    and a batch is the next local_batch slots, so a sample's copies may fall into two batches.
+    As in deit3-jax, whose loader batch is one micro-batch, each of the grad_accum micro-batches
+    (local_batch / grad_accum slots) is ordered `b[i::k]` for i < k, so copies sit about
+    micro/k apart, on different devices. Resume with the `state` of a previous loader (exact;
+    older states without `copies` load) or `start_step` (replays the stream).
     """
     check_process(process_index, process_count)
     local = split_batch(cfg.data.train_batch_size, process_count, "train_batch_size")
-    k = cfg.augment.augment_repeats
-    if k < 1 or local % k:
-        raise ValueError(f"augment_repeats={k}: must divide the per-process batch {local}")
+    accum = cfg.optim.grad_accum
+    if local % accum:
+        raise ValueError(f"grad_accum={accum}: must divide the per-process batch {local}")
     if cfg.data.shuffle_seed < 0:
         raise ValueError(f"shuffle_seed={cfg.data.shuffle_seed}: must be >= 0")
     if state is not None and start_step:
@@ -672,10 +729,8 @@ def train_batches(cfg: Config, *, process_index: int = 0, process_count: int = 1
     if start_step < 0:
         raise ValueError(f"start_step={start_step}: must be >= 0")
     urls = expand_shards(cfg.data.train_dataset_shards)
-    if state is None:
-        state = skip_state(urls, cfg, process_index, process_count, start_step)
-    elif set(state) != {"epoch", "offset", "skipped"}:
-        raise ValueError(f"loader state {state}: expected keys epoch, offset, skipped")
+    state = (skip_state(urls, cfg, process_index, process_count, start_step) if state is None
+             else full_state(state, cfg.augment.augment_repeats))
     return Loader(functools.partial(train_stream, urls=urls, cfg=cfg, process_index=process_index,
                                     process_count=process_count, state=state),
                   cfg.data.train_loader_workers, prefetch, state)

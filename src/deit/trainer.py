@@ -215,7 +215,7 @@ def gather_loader_states(batches: data.Loader) -> list[dict[str, int]]:
     """Every process's loader state (exact resume with the same process count)."""
     if jax.process_count() == 1:
         return [dict(batches.state)]
-    keys = ("epoch", "offset", "skipped")
+    keys = data.STATE_KEYS  # `copies` too: a batch can end inside a sample's repeats
     rows = multihost_utils.process_allgather(np.array([batches.state[k] for k in keys], np.int64))
     return [dict(zip(keys, map(int, r))) for r in np.asarray(rows).reshape(jax.process_count(), len(keys))]
 
