@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from deit import optim
@@ -42,8 +43,21 @@ def test_schedule_warmup_cosine():
     assert np.isclose(float(sched(110)), 1e-5)
 
 
-def reference(params, grads, mask, stacked, scales, steps, cfg: OptimConfig, lr_fn, trust: bool):
-    """Hand-written AdamW / LAMB (deit3-jax variant) in numpy, per tensor / per block slice."""
+def test_trust_groups_split_only_fused_qkv():
+    groups = leaves_by_name(optim.trust_groups(init_model(CFG)))
+    assert {k for k, g in groups.items() if g != 1} == {".blocks.attn.qkv.weight"}
+    assert groups[".blocks.attn.qkv.weight"] == 3
+
+
+def qkv_groups(names):
+    """deit3-jax's q, k, v kernels: three row blocks of our fused qkv weight."""
+    return {k: 3 if k == ".blocks.attn.qkv.weight" else 1 for k in names}
+
+
+def reference(params, grads, mask, stacked, groups, scales, steps, cfg: OptimConfig, lr_fn, trust: bool):
+    """Hand-written AdamW / LAMB (deit3-jax variant) in numpy. The trust ratio is per tensor as
+    deit3-jax holds them: per block slice of stacked leaves, and q, k, v (row blocks of the fused
+    qkv weight) as three tensors."""
     p = {k: np.array(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v2 = {k: np.zeros_like(v) for k, v in p.items()}
@@ -57,16 +71,13 @@ def reference(params, grads, mask, stacked, scales, steps, cfg: OptimConfig, lr_
             if mask[k]:
                 u = u + cfg.weight_decay * p[k]
             if mask[k] and trust:
-                slices = range(u.shape[0]) if stacked[k] else [None]
-                for i in slices:
-                    pi = p[k][i] if i is not None else p[k]
-                    ui = u[i] if i is not None else u
-                    pn, un = np.linalg.norm(pi), np.linalg.norm(ui)
-                    r = pn / un if pn > 0 and un > 0 else 1.0
-                    if i is None:
-                        u = u * r
-                    else:
-                        u[i] = u[i] * r
+                for i in range(u.shape[0]) if stacked[k] else [None]:
+                    lead = () if i is None else (i,)
+                    rows = u[lead].shape[0] // groups[k]
+                    for j in range(groups[k]):
+                        blk = (*lead, slice(j * rows, (j + 1) * rows))
+                        pn, un = np.linalg.norm(p[k][blk]), np.linalg.norm(u[blk])
+                        u[blk] = u[blk] * (pn / un if pn > 0 and un > 0 else 1.0)
             p[k] = p[k] - lr * u * np.asarray(scales[k], np.float64)
     return p
 
@@ -74,21 +85,43 @@ def reference(params, grads, mask, stacked, scales, steps, cfg: OptimConfig, lr_
 @pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
 def test_optimizer_against_reference(optimizer):
     model = init_model(CFG)
+    # q, k and v blocks of very different norms: one fused ratio would move them by ~2x.
+    w = model.blocks.attn.qkv.weight
+    model = eqx.tree_at(lambda m: m.blocks.attn.qkv.weight, model,
+                        w * jnp.repeat(jnp.array([1.0, 3.0, 0.3]), CFG.dim)[None, :, None])
     cfg = OptimConfig(optimizer=optimizer, learning_rate=1e-2, weight_decay=0.1, warmup_steps=2, training_steps=10,
                       lr_decay=0.7, adam_eps=1e-6)
     tx = optim.make_optimizer(cfg, model)
     params = eqx.filter(model, eqx.is_array)
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
     state = tx.init(params)
-    for _ in range(3):
-        updates, state = tx.update(grads, state, params)
+    for i in range(3):
+        updates, state = tx.update(grads, state, params, step=jnp.asarray(i))
         params = eqx.apply_updates(params, updates)
     names = leaves_by_name(params)
     ref = reference(leaves_by_name(eqx.filter(model, eqx.is_array)), leaves_by_name(grads),
                     leaves_by_name(optim.decay_mask(model)), leaves_by_name(optim.stacked_mask(model)),
-                    leaves_by_name(optim.layer_scales(model, 0.7)), 3, cfg, optim.schedule(cfg), optimizer == "lamb")
+                    qkv_groups(names), leaves_by_name(optim.layer_scales(model, 0.7)), 3, cfg,
+                    optim.schedule(cfg), optimizer == "lamb")
     for k, v in names.items():
         np.testing.assert_allclose(np.asarray(v), ref[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_lr_is_read_at_the_given_step():
+    # The lr comes from `step`, not from the count in the optimiser state (which a skipped
+    # step holds back); without `step`, from that count, as optax.
+    model = init_model(CFG)
+    cfg = OptimConfig(learning_rate=1e-2, weight_decay=0.0, warmup_steps=10, training_steps=20)
+    tx, sched = optim.make_optimizer(cfg, model), optim.schedule(cfg)
+    params = eqx.filter(model, eqx.is_array)
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    u_count, _ = tx.update(grads, state, params)
+    u_step, new = tx.update(grads, state, params, step=jnp.asarray(7))
+    ratio = np.asarray(u_step.head.weight) / np.asarray(u_count.head.weight)
+    np.testing.assert_allclose(ratio, float(sched(7)) / float(sched(0)), rtol=1e-5)
+    adam = next(s for s in new if isinstance(s, optax.ScaleByAdamState))
+    assert int(adam.count) == 1  # Adam's count: updates applied, whatever the step
 
 
 def test_clip_grad():

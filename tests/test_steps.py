@@ -6,13 +6,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 import torch
 import torch.nn.functional as F
 
-from deit import optim, sharding
+import deit
+from deit import optim, sharding, steps
 from deit.config import OptimConfig, from_flat
 from deit.model import ViT, init_model
-from deit.steps import criterion_loss, distillation_loss, ema_update, make_train_step, topk_correct
+from deit.steps import criterion_loss, distillation_loss, ema_update, eval_step, make_train_step, topk_correct
 from deit.trainer import create_state
 
 RNG = np.random.default_rng(0)
@@ -97,3 +100,59 @@ def test_scale_lr_rule():
     base = OptimConfig(learning_rate=5e-4, warmup_steps=0, training_steps=10)
     assert np.isclose(float(optim.schedule(base, 1024)(0)), 5e-4)
     assert np.isclose(float(optim.schedule(dataclasses.replace(base, scale_lr=True), 1024)(0)), 1e-3)
+
+
+def test_lr_after_a_skipped_step_follows_the_step_counter(monkeypatch):
+    # A label of -1 (an all-zero target row) makes the loss NaN: that step is skipped.
+    base = steps.criterion_loss
+    monkeypatch.setattr(steps, "criterion_loss",
+                        lambda c, logits, t: jnp.where(t.sum(-1) > 0, base(c, logits, t), jnp.nan))
+    cfg = from_flat({**FLAGS, "warmup_steps": 10, "training_steps": 20})  # lr(3) / lr(2) ~ 1.5
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    opt = optim.build(cfg, eqx.filter_eval_shape(ViT, cfg.model, key=jax.random.key(0)))
+    step = make_train_step(cfg, opt.tx, opt.schedule, None)
+    images = [np.random.default_rng(i).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8) for i in range(3)]
+    good, bad = np.arange(8, dtype=np.int32) % 10, np.full(8, -1, np.int32)
+
+    def run(batches):
+        state, _ = create_state(cfg, mesh, opt.tx)
+        params = []
+        for x, y in batches:
+            state, m = step(state, jnp.asarray(x), jnp.asarray(y))
+            params.append([np.asarray(a) for a in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))])
+        return state, m, params
+
+    # A: two good steps, a skipped one, a good one at step 3. B: the same good steps, at steps 0, 1, 2.
+    state_a, m_a, p_a = run([(images[0], good), (images[1], good), (images[1], bad), (images[2], good)])
+    _, _, p_b = run([(images[0], good), (images[1], good), (images[2], good)])
+    assert int(state_a.skipped) == 1 and int(state_a.step) == 4
+    for a, b in zip(p_a[2], p_a[1]):
+        np.testing.assert_array_equal(a, b)  # the skipped step changed nothing
+    adam = next(s for s in state_a.opt_state if isinstance(s, optax.ScaleByAdamState))
+    assert int(adam.count) == 3  # Adam's count and bias correction skip the bad step...
+    # ... so A's last update is B's (same moments, count and params), scaled by lr(3) / lr(2).
+    ratio = float(opt.schedule(3)) / float(opt.schedule(2))
+    assert ratio > 1.3 and np.isclose(float(m_a["lr"]), float(opt.schedule(3)))
+    for a3, a1, b2, b1 in zip(p_a[3], p_a[1], p_b[2], p_b[1]):
+        # Per tensor, to 1% of the update: a few float32 ulps of the weights (norm scales ~1).
+        want = ratio * (b2 - b1)
+        assert np.abs((a3 - a1) - want).max() <= 1e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("criterion", ["ce", "bce"])
+def test_eval_loss_is_the_training_criterion_without_smoothing(criterion):
+    # deit3-jax validates with its training module at det=True: its criterion on plain one-hot
+    # targets (label smoothing and mixup are training-only).
+    model = init_model(from_flat(FLAGS).model, 3)
+    images = RNG.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    labels = np.array([0, 3, 9, 2, 2, 5], np.int32)
+    mask = np.array([1, 1, 1, 1, 1, 0], bool)  # the last sample is padding
+    sums = eval_step(model, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(mask), criterion=criterion)
+    logits = torch.tensor(np.asarray(deit.predict(model, images)), dtype=torch.float64)
+    onehot = F.one_hot(torch.tensor(labels, dtype=torch.long), 10).double()
+    if criterion == "ce":
+        ref = F.cross_entropy(logits, onehot, reduction="none")
+    else:
+        ref = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)
+    np.testing.assert_allclose(float(sums["loss"]), float(ref[:5].sum()), rtol=1e-5)
+    assert float(sums["num_samples"]) == 5

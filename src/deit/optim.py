@@ -2,7 +2,13 @@
 
 Block parameters are stacked ([layers, ...]); everything here that is "per tensor" in the
 original (LAMB's trust ratio, layer-wise lr decay) is computed per block slice of the
-leading axis, so the stacked layout changes nothing numerically.
+leading axis, so the stacked layout changes nothing numerically. deit3-jax holds q, k and v
+as three kernels, our `attn.qkv.weight` is one fused [3D, D] matrix: LAMB takes its trust
+ratio per q, k and v row block (`trust_groups`), so the fused layout changes nothing either.
+
+The lr is read at the train step's counter (`update(..., step=state.step)`), not at a count
+kept in the optimiser state: the non-finite guard keeps the old state on a skipped step, which
+must hold Adam's count back but not the schedule.
 """
 
 from typing import Any, NamedTuple
@@ -11,6 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array, Float, Int
 
 from deit.config import Config, OptimConfig
 from deit.model import ViT
@@ -54,6 +61,17 @@ def stacked_mask(model: ViT) -> Any:
     return jax.tree.map(lambda g: g == "blocks", param_labels(model))
 
 
+def trust_groups(model: ViT) -> Any:
+    """Per leaf, how many equal row blocks of a (block's) tensor take their own LAMB trust ratio:
+    3 for the fused qkv weight (rows [q | k | v], three kernels in deit3-jax), 1 elsewhere."""
+    params = _params(model)
+
+    def groups(path, _):
+        return 3 if _names(path)[-3:] == ["attn", "qkv", "weight"] else 1
+
+    return jax.tree_util.tree_map_with_path(groups, params)
+
+
 def layer_scales(model: ViT, lr_decay: float) -> Any:
     """lr multiplier per leaf: embeddings lr_decay**L, block i lr_decay**(L-1-i), rest 1.
 
@@ -84,26 +102,53 @@ def schedule(cfg: OptimConfig, batch_size: int = 512) -> optax.Schedule:
         decay_steps=max(cfg.training_steps, cfg.warmup_steps + 1), end_value=1e-5)
 
 
-def _slice_norm(x: jax.Array, stacked: bool) -> jax.Array:
-    axes = tuple(range(1, x.ndim)) if stacked else tuple(range(x.ndim))
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True))
+def _row_blocks(x: Float[Array, "..."], stacked: bool, groups: int) -> Float[Array, "*l g n"]:
+    """x as [(layers,) groups, -1]: one row per tensor whose norm LAMB takes."""
+    lead = x.shape[:1] if stacked else ()
+    return x.reshape(*lead, groups, -1)
 
 
-def scale_by_trust_ratio(stacked: Any, mask: Any) -> optax.GradientTransformation:
-    """LAMB trust ratio ||w|| / ||u|| per tensor (per block slice for stacked leaves), applied
-    only where `mask` is True (deit3-jax: the weight-decayed kernels)."""
+def _trust_ratio(p: Float[Array, "*l g n"], u: Float[Array, "*l g n"]) -> Float[Array, "*l g 1"]:
+    """||p|| / ||u|| per row, 1 where either norm is 0 (optax.scale_by_trust_ratio's defaults)."""
+    pn = jnp.linalg.norm(p.astype(jnp.float32), axis=-1, keepdims=True)
+    un = jnp.linalg.norm(u.astype(jnp.float32), axis=-1, keepdims=True)
+    zero = (pn == 0) | (un == 0)
+    return jnp.where(zero, 1.0, pn / jnp.where(zero, 1.0, un))
+
+
+def scale_by_trust_ratio(stacked: Any, mask: Any, groups: Any = None) -> optax.GradientTransformation:
+    """LAMB trust ratio ||w|| / ||u|| per tensor (per block slice for stacked leaves; per row
+    block where `groups` > 1, see `trust_groups`), applied only where `mask` is True (deit3-jax:
+    the weight-decayed kernels). `groups=None`: one ratio per tensor everywhere."""
+    groups = jax.tree.map(lambda _: 1, mask) if groups is None else groups
 
     def update(updates, state, params):
-        def one(u, p, st, m):
+        def one(u, p, st, m, g):
             if not m:
                 return u
-            pn, un = _slice_norm(p, st), _slice_norm(u, st)
-            ratio = jnp.where((pn == 0) | (un == 0), 1.0, pn / jnp.where(un == 0, 1.0, un))
-            return (u * ratio).astype(u.dtype)
+            ub = _row_blocks(u, st, g)
+            return (ub * _trust_ratio(_row_blocks(p, st, g), ub)).reshape(u.shape).astype(u.dtype)
 
-        return jax.tree.map(one, updates, params, stacked, mask), state
+        return jax.tree.map(one, updates, params, stacked, mask, groups), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def scale_by_schedule_at_step(lr: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiply by -lr(step), `step` being the train step's counter passed to `update` (0-based:
+    the first update uses lr(0), as optax's count). Without `step`, the own count, as
+    optax.scale_by_learning_rate. The state is optax's ScaleByScheduleState either way, so the
+    optimiser state (and checkpoints of it) keep their structure."""
+
+    def init(params):
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, step: Int[Array, ""] | None = None, **extra_args):
+        rate = lr(state.count if step is None else step)
+        updates = jax.tree.map(lambda u: jnp.asarray(-rate, u.dtype) * u, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:
@@ -113,8 +158,11 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(cfg: OptimConfig, model: ViT, batch_size: int = 512) -> optax.GradientTransformation:
-    """adamw or deit3-jax's lamb (trust ratio on decayed kernels only), + clip and layer decay."""
+def make_optimizer(cfg: OptimConfig, model: ViT, batch_size: int = 512) -> optax.GradientTransformationExtraArgs:
+    """adamw or deit3-jax's lamb (trust ratio on decayed kernels only), + clip and layer decay.
+
+    `update(grads, state, params, step=step)` reads the lr at `step`; without it, at the number
+    of updates applied so far (optax's count)."""
     mask = decay_mask(model)
     lr = schedule(cfg, batch_size)
     parts = []
@@ -123,17 +171,17 @@ def make_optimizer(cfg: OptimConfig, model: ViT, batch_size: int = 512) -> optax
     parts += [optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps),
               optax.add_decayed_weights(cfg.weight_decay, mask=mask)]
     if cfg.optimizer == "lamb":
-        parts.append(scale_by_trust_ratio(stacked_mask(model), mask))
+        parts.append(scale_by_trust_ratio(stacked_mask(model), mask, trust_groups(model)))
     elif cfg.optimizer != "adamw":
         raise ValueError(f"optimizer={cfg.optimizer!r}: allowed 'adamw', 'lamb'")
-    parts.append(optax.scale_by_learning_rate(lr))
+    parts.append(scale_by_schedule_at_step(lr))
     if cfg.lr_decay < 1.0:
         parts.append(scale_by_tree(layer_scales(model, cfg.lr_decay)))
     return optax.chain(*parts)
 
 
 class Optimizer(NamedTuple):
-    tx: optax.GradientTransformation
+    tx: optax.GradientTransformationExtraArgs
     schedule: optax.Schedule
 
 

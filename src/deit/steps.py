@@ -82,7 +82,10 @@ def topk_correct(logits: Float[Array, "b c"], targets: Float[Array, "b c"]) -> t
 
 def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     state_shardings: Any = None) -> Callable:
-    """step(state, images, labels, teacher=None) -> (state, metrics), jitted, state donated."""
+    """step(state, images, labels, teacher=None) -> (state, metrics), jitted, state donated.
+
+    `tx.update` gets `step=state.step` (optim.make_optimizer reads its lr there; a transform
+    without extra args ignores it). `schedule` gives the logged lr."""
     num_labels, accum = cfg.model.labels, cfg.optim.grad_accum
     dtype = jnp.bfloat16 if cfg.optim.compute_dtype == "bfloat16" else jnp.float32
     distill = cfg.distill
@@ -136,7 +139,9 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
             loss, logits = losses.mean(), logits.reshape(-1, logits.shape[-1])
 
         params = eqx.filter(state.model, eqx.is_array)
-        updates, opt_state = tx.update(grads, state.opt_state, params)
+        # The lr is read at the step counter, which advances on a skipped step; Adam's count in
+        # opt_state does not (the guard below keeps the old opt_state).
+        updates, opt_state = optax.with_extra_args_support(tx).update(grads, state.opt_state, params, step=state.step)
         model = eqx.apply_updates(state.model, updates)
         ema = None if state.ema is None else ema_update(state.ema, model, cfg.optim.model_ema_decay)
         grad_norm = optax.tree.norm(grads)
@@ -161,12 +166,15 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
 
 @eqx.filter_jit
 def eval_step(model: ViT, images: UInt8[Array, "b h w 3"], labels: Int[Array, " b"],
-              mask: Bool[Array, " b"]) -> dict[str, Float[Array, ""]]:
-    """Sums over the unmasked samples of a (possibly padded) batch."""
+              mask: Bool[Array, " b"], criterion: str = "ce") -> dict[str, Float[Array, ""]]:
+    """Sums over the unmasked samples of a (possibly padded) batch.
+
+    The loss is the training criterion (static; `cfg.augment.criterion`) on plain one-hot
+    targets, as deit3-jax's validation step: no label smoothing, no mixup."""
     model = eqx.nn.inference_mode(model)
     logits = model(augment.eval_transform(images))
     t = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     acc1, acc5 = topk_correct(logits, t)
-    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), t)
+    loss = criterion_loss(criterion, logits, t)
     m = mask.astype(jnp.float32)
     return {"acc1": (acc1 * m).sum(), "acc5": (acc5 * m).sum(), "loss": (loss * m).sum(), "num_samples": m.sum()}
