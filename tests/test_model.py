@@ -73,15 +73,29 @@ def test_drop_path_per_sample_and_unbiased():
 
 
 def test_sincos2d_table():
-    dim, grid = 16, 3
-    t = np.asarray(sincos2d(grid, dim))
-    assert t.shape == (9, 16)
+    """deit3-jax's order: the first dim/2 channels encode the column (x), the last dim/2 the row."""
+    dim, rows, cols = 16, 3, 5
+    t = np.asarray(sincos2d((rows, cols), dim))
+    assert t.shape == (15, 16)
     omega = 1.0 / 10000 ** np.linspace(0, 1, dim // 4)
-    for i in range(grid):
-        for j in range(grid):
-            row = t[i * grid + j]
-            np.testing.assert_allclose(row, np.concatenate([np.sin(i * omega), np.cos(i * omega),
-                                                            np.sin(j * omega), np.cos(j * omega)]), atol=1e-6)
+    for i in range(rows):
+        for j in range(cols):
+            row = t[i * cols + j]
+            np.testing.assert_allclose(row, np.concatenate([np.sin(j * omega), np.cos(j * omega),
+                                                            np.sin(i * omega), np.cos(i * omega)]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sincos2d(4, dim)), np.asarray(sincos2d((4, 4), dim)))
+
+
+def test_sincos2d_model_predicts_at_any_size_learnable_names_both_sizes():
+    sin = init_model(small(posemb="sincos2d", pooling="gap"))
+    for h, w in ((16, 16), (24, 8), (32, 32)):
+        out = deit.predict(sin, np.zeros((2, h, w, 3), np.uint8))
+        assert out.shape == (2, sin.cfg.labels) and bool(jnp.all(jnp.isfinite(out)))
+    learn = init_model(small())
+    with pytest.raises(ValueError, match=r"image size 24x24 does not match this model's image_size=16"):
+        deit.predict(learn, np.zeros((1, 24, 24, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image size 18x16 is not divisible by patch_size=4"):
+        deit.predict(sin, np.zeros((1, 18, 16, 3), np.uint8))
 
 
 def test_blocks_are_distinct_and_stacked():

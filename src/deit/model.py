@@ -41,15 +41,18 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
-def sincos2d(grid: int, dim: int, temperature: float = 10000.0) -> Float[Array, "n d"]:
-    """Fixed 2-D sin-cos position table, [sin(x), cos(x), sin(y), cos(y)] (deit3-jax order).
+def sincos2d(grid: int | tuple[int, int], dim: int, temperature: float = 10000.0) -> Float[Array, "n d"]:
+    """Fixed 2-D sin-cos position table in deit3-jax's order, [sin(x), cos(x), sin(y), cos(y)].
 
-    x runs over rows and y over columns of the patch grid; frequencies 1/T^linspace(0,1,dim/4).
+    x is the patch's column (position along the width), y its row; frequencies
+    1/T^linspace(0,1,dim/4). Laid out [rows, cols, dim] and flattened row-major, as the patch
+    tokens. `grid` is the (rows, cols) patch grid, or one int for a square grid.
     """
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
     freq = 1.0 / temperature ** jnp.linspace(0.0, 1.0, dim // 4)
-    rows, cols = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing="ij")
-    x = rows.reshape(-1, 1).astype(jnp.float32) * freq
-    y = cols.reshape(-1, 1).astype(jnp.float32) * freq
+    y, x = jnp.meshgrid(jnp.arange(rows), jnp.arange(cols), indexing="ij")
+    x = x.reshape(-1, 1).astype(jnp.float32) * freq
+    y = y.reshape(-1, 1).astype(jnp.float32) * freq
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
 
 
@@ -99,15 +102,30 @@ class ViT(eqx.Module):
         leaves = [next(arrays) if isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
         return jax.tree.unflatten(treedef, leaves)
 
-    def position_embedding(self) -> Float[Array, "n d"]:
-        if self.pos_embed is not None:
-            return self.pos_embed
-        return sincos2d(self.cfg.grid, self.cfg.dim)
+    def position_embedding(self, grid: tuple[int, int] | None = None) -> Float[Array, "n d"]:
+        """The position table for a (rows, cols) patch grid (default: the config's).
+
+        sincos2d is computed for any grid, so such a model predicts at any size divisible by
+        the patch size; a learnable table exists for its own grid only.
+        """
+        grid = (self.cfg.grid, self.cfg.grid) if grid is None else tuple(grid)
+        if self.pos_embed is None:
+            return sincos2d(grid, self.cfg.dim)
+        if grid != (self.cfg.grid, self.cfg.grid):
+            p = self.cfg.patch_size
+            raise ValueError(f"image size {grid[0] * p}x{grid[1] * p} does not match this model's image_size="
+                             f"{self.cfg.image_size} (learnable position embedding for a {self.cfg.grid}x"
+                             f"{self.cfg.grid} grid); resize the images or fine-tune at the new size")
+        return self.pos_embed
 
     def embed(self, x: Float[Array, "b h w 3"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
         """Patch tokens plus position embedding, with the cls (and dist) token prepended."""
+        p = self.cfg.patch_size
+        if x.shape[1] % p or x.shape[2] % p:
+            raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not divisible by patch_size={p}")
+        pos = self.position_embedding((x.shape[1] // p, x.shape[2] // p))
         x = self.patch_embed(x)
-        x = x + self.position_embedding().astype(x.dtype)
+        x = x + pos.astype(x.dtype)
         prefix = [t for t in (self.cls_token, self.dist_token) if t is not None]
         if prefix:
             b = x.shape[0]
