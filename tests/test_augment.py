@@ -17,11 +17,12 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import TypeCheckError
 from PIL import Image, ImageFilter, ImageOps
 from timm.data import auto_augment as taa
+from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
 from deit import augment as A
 from deit import imageops as O
 from deit.config import AugmentConfig, from_flat
-from deit.model import normalize
+from deit.model import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 BILINEAR, BICUBIC = Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
@@ -117,6 +118,61 @@ def test_geometric_fill_is_timm_imagenet_mean():
     assert (out == np.asarray(O.FILL, np.float32)).all()
 
 
+def test_fill_constants_are_deit3_jax_and_timm_rules():
+    mean = np.array(IMAGENET_DEFAULT_MEAN)
+    assert O.DEIT3_JAX_FILL == tuple((mean * 0xFF).astype(int)) == (123, 116, 103)  # deit3-jax's img_mean
+    assert O.FILL == tuple(min(255, round(255 * x)) for x in mean)                  # timm create_transform's
+    assert A.GEOMETRIC_FILLS == {"deit3-jax": O.DEIT3_JAX_FILL, "timm": O.FILL}
+
+
+def _colours(image) -> set[tuple[int, int, int]]:
+    return {tuple(int(v) for v in px) for px in np.asarray(image).reshape(-1, 3)}
+
+
+@pytest.mark.parametrize("fill", [O.DEIT3_JAX_FILL, O.FILL], ids=["deit3-jax", "timm"])
+@pytest.mark.parametrize("op", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+def test_rand_augment_geometric_ops_fill(op, fill):
+    """On a black image a geometric op leaves black and its fill colour only."""
+    ra = A.RandAugment(num_layers=1, magnitude=10.0, prob=1.0, ops=(op,), fill=fill)
+    for seed in range(2):  # both signs, both resamplings over the seeds
+        out = A.rand_augment(ra, jax.random.key(seed), np.zeros((40, 48, 3), np.uint8))
+        assert _colours(out) == {(0, 0, 0), fill}
+    arg = A.op_argument(op, 5.0, False, 16, 16)
+    assert _colours(A.apply_op(op, np.zeros((16, 16, 3), np.uint8), arg, fill=fill)) == {(0, 0, 0), fill}
+
+
+@pytest.mark.parametrize("name", ["deit3-jax", "timm"])
+def test_train_transform_uses_configured_geometric_fill(name):
+    cfg = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", hflip=0.0, geometric_fill=name)
+    want, other = A.GEOMETRIC_FILLS[name], A.GEOMETRIC_FILLS["timm" if name == "deit3-jax" else "deit3-jax"]
+    black = np.zeros((32, 24, 24, 3), np.uint8)
+    out = np.asarray(jax.jit(lambda k, x: A.train_transform(cfg, k, x))(jax.random.key(0), black))
+    levels = np.round((out * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)) * 255).astype(int)
+    seen = set().union(*(_colours(im) for im in levels))
+    assert want in seen and other not in seen
+    # policy() is cached per (string, fill): the two fills are two policies
+    assert A.policy(cfg.auto_augment, want).args[0].fill == want
+    assert A.policy(cfg.auto_augment, want) is not A.policy(cfg.auto_augment, other)
+    assert A.parse_rand_augment(cfg.auto_augment).fill == O.FILL  # timm's rule unless told
+
+
+def test_public_functions_accept_numpy():
+    a = PHOTOS["coffee97x131"]
+    k = jax.random.key(0)
+    cfg = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, random_erasing=1.0)
+    ra = A.parse_rand_augment(cfg.auto_augment)
+    for f in (O.equalize, O.hflip, lambda x: O.rotate(x, 10.0), lambda x: A.random_hflip(k, x),
+              lambda x: A.rand_augment(ra, k, x), lambda x: A.three_augment(k, x), lambda x: A.color_jitter(k, x),
+              lambda x: A.random_erasing(k, x, 1.0, "torchvision"), lambda x: A.augment_one(cfg, k, x),
+              lambda x: A.erase(x, (1, 2, 3, 4), np.zeros(x.shape, np.float32))):
+        for x in (a, a.astype(np.float32)):
+            np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(f(jnp.asarray(x))))
+    b = np.stack([a, a])
+    np.testing.assert_array_equal(np.asarray(A.train_transform(cfg, k, b)),
+                                  np.asarray(A.train_transform(cfg, k, jnp.asarray(b))))
+    np.testing.assert_array_equal(np.asarray(A.eval_transform(b)), np.asarray(normalize(jnp.asarray(b))))
+
+
 def test_rejects_bad_shapes():
     with pytest.raises((TypeCheckError, BeartypeCallHintParamViolation)):
         O.equalize(jnp.zeros((8, 8, 4), jnp.uint8))
@@ -157,13 +213,16 @@ def test_op_argument_matches_timm_level_to_arg(name, monkeypatch):
             assert got == pytest.approx(want, abs=1e-4), (name, m, negate)
 
 
-@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "rand-m10-n3-p1.0"])
-def test_rand_augment_matches_timm_ops_with_same_draws(config):
-    """Our policy vs timm's ops applied in PIL with the draws our sampler made."""
-    ra = A.parse_rand_augment(config)
+@pytest.mark.parametrize("config,fill", [("rand-m9-mstd0.5-inc1", O.DEIT3_JAX_FILL), ("rand-m10-n3-p1.0", O.FILL)],
+                         ids=["deit3-jax-fill", "timm-fill"])
+def test_rand_augment_matches_timm_ops_with_same_draws(config, fill):
+    """Our policy vs timm's ops applied in PIL with the draws our sampler made; timm gets the
+    same fill colour (its `img_mean`) as ours."""
+    ra = A.parse_rand_augment(config, fill)
     a = PHOTOS["astronaut224"]
     h, w = a.shape[:2]
-    hp = dict(translate_const=int(0.45 * 224), img_mean=O.FILL)
+    hp = dict(translate_const=int(0.45 * 224), img_mean=fill)
+    assert all(op.kwargs["fillcolor"] == fill for op in taa.rand_augment_transform(config, hp).ops)
     run = jax.jit(lambda k, x: (A.sample_rand_augment(ra, k), A.rand_augment(ra, k, x)))
     names_seen = set()
     for seed in range(24):

@@ -124,7 +124,7 @@ def test_mixup_cutmix_switch_is_fair():
 
 def test_erasing_area_and_probability_match_timm():
     h = w = 48
-    run = jax.jit(jax.vmap(lambda k: A.random_erasing(k, jnp.zeros((h, w, 3)), 1.0)))
+    run = jax.jit(jax.vmap(lambda k: A.random_erasing(k, jnp.zeros((h, w, 3)), 1.0, "pixel")))
     out = np.asarray(run(jax.random.split(jax.random.key(0), N)))
     ours = (out != 0).all(-1).mean((1, 2))
     erasing = RandomErasing(1.0, mode="pixel", device="cpu")
@@ -137,7 +137,7 @@ def test_erasing_area_and_probability_match_timm():
     noise = out[ours > 0.2]
     noise = noise[noise != 0]
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02  # N(0, 1) per pixel and channel
-    p = jax.jit(jax.vmap(lambda k: A.random_erasing(k, jnp.zeros((h, w, 3)), 0.25)))
+    p = jax.jit(jax.vmap(lambda k: A.random_erasing(k, jnp.zeros((h, w, 3)), 0.25, "pixel")))
     erased = np.asarray((p(jax.random.split(jax.random.key(1), N)) != 0).any((1, 2, 3)))
     assert abs(erased.mean() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / N)
 

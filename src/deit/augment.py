@@ -8,12 +8,20 @@ jitted step:
     targets = one_hot_targets(cfg, labels, num_labels)
     images, targets = mixup_cutmix(cfg, mix_key, images, targets)
 
-Per image, in timm's order: horizontal flip, the policy (`auto_augment`: timm RandAugment
-string such as 'rand-m9-mstd0.5-inc1', or '3a' for DeiT-III's 3-Augment), color jitter
-(torchvision semantics), ImageNet normalisation, random erasing (timm 'pixel' mode). Every
-image draws from its own key (split from the step key by its index in the global batch), so
-images of a batch and the repeated copies of one sample are augmented independently, and the
-result does not depend on how the batch is sharded.
+Per image, in deit3-jax's (and timm's) order:
+
+    horizontal flip -> policy -> color jitter -> [erasing 'torchvision'] -> normalise -> [erasing 'pixel']
+
+The policy is `auto_augment`: a timm RandAugment string such as 'rand-m9-mstd0.5-inc1' (its
+geometric ops fill with `AugmentConfig.geometric_fill`: deit3-jax's (123, 116, 103) or timm's
+(124, 116, 104)), or '3a' for DeiT-III's 3-Augment. Color jitter has torchvision semantics.
+Random erasing (`AugmentConfig.random_erasing_mode`) is either deit3-jax's torchvision
+`RandomErasing(p, value="random")` on the uint8 image, whose N(0, 1) noise is stored as uint8
+(a mostly black box with white specks), or timm's mode='pixel' on the normalised image (N(0, 1)
+noise in normalised units; what the DeiT paper used). Every image draws from its own key (split
+from the step key by its index in the global batch), so images of a batch and the repeated
+copies of one sample are augmented independently, and the result does not depend on how the
+batch is sharded.
 
 How the per-image functions run: under a data-sharded mesh each device augments its own slice
 (`jax.shard_map` over the batch axes: no image ever crosses devices). Within a device, on CPU
@@ -32,18 +40,20 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
 from deit import imageops
 from deit.config import AugmentConfig
-from deit.imageops import (FILL, affine, auto_contrast, brightness, color, contrast, equalize, gaussian_blur,
-                           grayscale, hflip, invert, posterize, rotate, sharpness, shear_x, shear_y, solarize,
-                           solarize_add, translate_x, translate_y)
+from deit.imageops import (DEIT3_JAX_FILL, FILL, affine, auto_contrast, brightness, color, contrast, equalize,
+                           gaussian_blur, grayscale, hflip, invert, posterize, rotate, sharpness, shear_x, shear_y,
+                           solarize, solarize_add, translate_x, translate_y)
 from deit.model import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-Image = UInt8[Array, "h w 3"] | Float[Array, "h w 3"]
+Image = UInt8[Array, "h w 3"] | Float[Array, "h w 3"] | UInt8[np.ndarray, "h w 3"] | Float[np.ndarray, "h w 3"]
+Images = UInt8[Array, "b h w 3"] | UInt8[np.ndarray, "b h w 3"]
 Out = Float[Array, "h w 3"]
 Scalar = float | int | Float[Array, ""] | Int[Array, ""]
 
@@ -88,6 +98,9 @@ class RandAugment:
     interpolation: Literal["bilinear", "bicubic", "random"] = "random"
     """Resampling of the geometric ops. timm draws bilinear or bicubic per op ('random') unless an
     interpolation is configured: deit3-jax configures none, DeiT's timm configures 'bicubic'."""
+    fill: tuple[int, int, int] = FILL
+    """Colour the geometric ops give pixels mapped from outside the image (timm's `img_mean`):
+    timm's create_transform passes FILL, deit3-jax DEIT3_JAX_FILL (see GEOMETRIC_FILLS)."""
 
     def __post_init__(self):
         unknown = [o for o in self.ops if o not in _OP_NAMES]
@@ -97,11 +110,18 @@ class RandAugment:
             raise ValueError(f"bad RandAugment n={self.num_layers} p={self.prob}")
         if self.interpolation not in ("bilinear", "bicubic", "random"):
             raise ValueError(f"interpolation={self.interpolation!r}: allowed 'bilinear', 'bicubic', 'random'")
+        if len(self.fill) != 3:
+            raise ValueError(f"fill={self.fill!r}: one value per RGB channel")
 
 
-def parse_rand_augment(config: str) -> RandAugment:
+# AugmentConfig.geometric_fill -> RandAugment.fill
+GEOMETRIC_FILLS: dict[str, tuple[int, int, int]] = {"deit3-jax": DEIT3_JAX_FILL, "timm": FILL}
+
+
+def parse_rand_augment(config: str, fill: tuple[int, int, int] = FILL) -> RandAugment:
     """timm's config string: 'rand' then dash-separated m<int>, n<int>, p<float>, mstd<float>
-    (> 100 means uniform), mmax<int>, inc<0|1>; e.g. 'rand-m9-mstd0.5-inc1'."""
+    (> 100 means uniform), mmax<int>, inc<0|1>; e.g. 'rand-m9-mstd0.5-inc1'. `fill` is the
+    geometric ops' fill colour (timm's `img_mean` hparam, not part of the string)."""
     parts = config.split("-")
     if parts[0] != "rand":
         raise ValueError(f"auto_augment={config!r}: a RandAugment string starts with 'rand'")
@@ -127,7 +147,7 @@ def parse_rand_augment(config: str) -> RandAugment:
             increasing = bool(int(val))
         else:
             raise ValueError(f"auto_augment={config!r}: unknown section {part!r} (allowed m, n, p, mstd, mmax, inc)")
-    return RandAugment(ops=RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS, **kw)
+    return RandAugment(ops=RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS, fill=tuple(fill), **kw)
 
 
 def _negate(v, negate):
@@ -183,11 +203,13 @@ def _geometric_coeffs(name: str, arg, h: int, w: int):
     return jnp.stack([one, zero, zero, zero, one, arg])  # TranslateY, TranslateYRel
 
 
-def apply_op(name: str, image: Image, arg: Scalar, resample: Literal["bilinear", "bicubic"] = "bilinear") -> Out:
-    """Apply timm op `name` with its argument (as `op_argument` returns it)."""
+def apply_op(name: str, image: Image, arg: Scalar, resample: Literal["bilinear", "bicubic"] = "bilinear",
+             fill: tuple[int, int, int] = FILL) -> Out:
+    """Apply timm op `name` with its argument (as `op_argument` returns it); geometric ops fill
+    with `fill`."""
     if name in _GEOMETRIC:
         coeffs = _geometric_coeffs(name, jnp.asarray(arg, jnp.float32), image.shape[0], image.shape[1])
-        return affine(image, coeffs, resample=resample)
+        return affine(image, coeffs, fill=fill, resample=resample)
     base = name.removesuffix("Increasing").removesuffix("Original")
     if base == "AutoContrast":
         return auto_contrast(image)
@@ -236,7 +258,7 @@ def apply_rand_augment(ra: RandAugment, params: dict[str, jax.Array], image: Ima
     All geometric ops share a branch per resampling (one warp whose coefficients depend on the
     op), so a vmapped switch runs one or two warps per layer, not five or ten.
     """
-    x = image.astype(jnp.float32)
+    x = jnp.asarray(image, jnp.float32)
     h, w = x.shape[0], x.shape[1]
     geo = [i for i, o in enumerate(ra.ops) if o in _GEOMETRIC]
     colour = [i for i, o in enumerate(ra.ops) if o not in _GEOMETRIC]
@@ -247,7 +269,7 @@ def apply_rand_augment(ra: RandAugment, params: dict[str, jax.Array], image: Ima
             table = jnp.stack([_geometric_coeffs(ra.ops[g], op_argument(ra.ops[g], mag, neg, h, w, ra.translate_pct),
                                                  h, w) for g in geo])
             pos = jnp.asarray([geo.index(g) if g in geo else 0 for g in range(len(ra.ops))])[i]
-            return affine(img, table[pos], resample=resample)
+            return affine(img, table[pos], fill=ra.fill, resample=resample)
         return branch
 
     def colour_op(name):
@@ -291,7 +313,7 @@ def sample_three_augment(key: PRNGKeyArray, sigma_range: tuple[float, float] = (
 def apply_three_augment(params: dict[str, jax.Array], image: Image, max_sigma: float = 2.0) -> Out:
     branches = [lambda x, s: grayscale(x), lambda x, s: solarize(x, 128),
                 lambda x, s: gaussian_blur(x, s, max_sigma=max_sigma)]
-    return jax.lax.switch(params["choice"], branches, image.astype(jnp.float32), params["sigma"])
+    return jax.lax.switch(params["choice"], branches, jnp.asarray(image, jnp.float32), params["sigma"])
 
 
 def three_augment(key: PRNGKeyArray, image: Image, sigma_range: tuple[float, float] = (0.1, 2.0)) -> Out:
@@ -317,7 +339,7 @@ def apply_color_jitter(params: dict[str, jax.Array], image: Image,
                        enabled: tuple[bool, bool, bool] = (True, True, True)) -> Out:
     """Apply brightness / contrast / saturation (PIL ImageEnhance) in `order`; a disabled one is
     skipped (torchvision skips an op whose range is the single value 1)."""
-    x = image.astype(jnp.float32)
+    x = jnp.asarray(image, jnp.float32)
     branches = [(lambda j: (lambda img, f: _JITTER_OPS[j](img, f[j])) if enabled[j] else (lambda img, f: img))(j)
                 for j in range(3)]
     for step in range(3):
@@ -329,26 +351,37 @@ def color_jitter(key: PRNGKeyArray, image: Image, brightness_: float = 0.0, cont
                  saturation: float = 0.0) -> Out:
     """torchvision ColorJitter(brightness, contrast, saturation) on a PIL image."""
     if brightness_ <= 0 and contrast_ <= 0 and saturation <= 0:
-        return image.astype(jnp.float32)
+        return jnp.asarray(image, jnp.float32)
     params = sample_color_jitter(key, brightness_, contrast_, saturation)
     return apply_color_jitter(params, image, (brightness_ > 0, contrast_ > 0, saturation > 0))
 
 
 def random_hflip(key: PRNGKeyArray, image: Image, p: float = 0.5) -> Out:
-    x = image.astype(jnp.float32)
+    x = jnp.asarray(image, jnp.float32)
     return jnp.where(jax.random.uniform(key) < p, x[:, ::-1], x)
 
 
 # ----------------------------------------------------------------------------- random erasing
 
 
+# Box constants per mode (min_area, max_area, min_aspect, max_aspect): timm's RandomErasing
+# (DeiT, 'pixel') and torchvision's RandomErasing defaults scale=(0.02, 0.33), ratio=(0.3, 3.3)
+# (deit3-jax, 'torchvision').
+ERASE_BOX: dict[str, tuple[float, float, float, float]] = {
+    "pixel": (0.02, 1 / 3, 0.3, 1 / 0.3), "torchvision": (0.02, 0.33, 0.3, 3.3)}
+
+
 def erase_box(key: PRNGKeyArray, h: int, w: int, min_area: float = 0.02, max_area: float = 1 / 3,
               min_aspect: float = 0.3, max_aspect: float | None = None,
               attempts: int = 10) -> tuple[Int[Array, "4"], jax.Array]:
-    """timm RandomErasing's box: (top, left, height, width) and whether any of `attempts` fit.
+    """Random erasing's box, timm's and torchvision's rule: (top, left, height, width) and
+    whether any of `attempts` fit.
 
-    Area uniform in [min_area, max_area] of the image, aspect log-uniform in
-    [min_aspect, 1/min_aspect]; the first attempt with h < H and w < W wins.
+    Area uniform in [min_area, max_area] of the image, aspect (height / width) log-uniform in
+    [min_aspect, max_aspect] (default 1 / min_aspect), sides round(sqrt(area * aspect)) and
+    round(sqrt(area / aspect)); the first attempt with height < H and width < W wins, placed
+    uniformly among the positions that keep it inside. The attempts are drawn at once (same
+    distribution as the libraries' loop, which stops at the first fit).
     """
     max_aspect = max_aspect or 1 / min_aspect
     k_area, k_aspect, k_top, k_left = jax.random.split(key, 4)
@@ -364,51 +397,82 @@ def erase_box(key: PRNGKeyArray, h: int, w: int, min_area: float = 0.02, max_are
     return jnp.stack([top, left, bh, bw]), ok.any()
 
 
-def random_erasing(key: PRNGKeyArray, image: Float[Array, "h w 3"], p: float = 0.25) -> Float[Array, "h w 3"]:
-    """timm RandomErasing(p, mode='pixel', max_count=1) on a normalised image: with probability
-    p one box (see `erase_box`) is filled with per-pixel, per-channel N(0, 1) noise."""
-    k_p, k_box, k_noise = jax.random.split(key, 3)
-    h, w = image.shape[0], image.shape[1]
-    (top, left, bh, bw), ok = erase_box(k_box, h, w)
+def torch_uint8_cast(z: Float[Array, "*s"] | Float[np.ndarray, "*s"]) -> Float[Array, "*s"]:
+    """What a float32 value becomes when torch stores it into a uint8 tensor (torchvision's erase
+    of a uint8 image): cast through int64, i.e. truncated toward zero, then wrapped modulo 256
+    (0.7 -> 0, -0.7 -> 0, 1.5 -> 1, -1.5 -> 255, -2.2 -> 254). Returned as float levels."""
+    return jnp.bitwise_and(jnp.trunc(jnp.asarray(z, jnp.float32)).astype(jnp.int32), 255).astype(jnp.float32)
 
-    def erase(x):
-        ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-        inside = (ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw)
-        return jnp.where(inside[..., None], jax.random.normal(k_noise, x.shape, x.dtype), x)
+
+def erase(image: Image, box: Int[Array, "4"] | tuple[int, int, int, int],
+          values: Float[Array, "h w 3"] | Float[np.ndarray, "h w 3"]) -> Out:
+    """`image` with its box (top, left, height, width) replaced by the same pixels of `values`."""
+    top, left, bh, bw = (jnp.asarray(box)[i] for i in range(4))
+    x = jnp.asarray(image, jnp.float32)
+    ys, xs = jnp.arange(x.shape[0])[:, None], jnp.arange(x.shape[1])[None, :]
+    inside = (ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw)
+    return jnp.where(inside[..., None], jnp.asarray(values, jnp.float32), x)
+
+
+def random_erasing(key: PRNGKeyArray, image: Image, p: float = 0.25,
+                   mode: Literal["pixel", "torchvision"] = "pixel") -> Out:
+    """Random erasing of one box (see `erase_box`, constants `ERASE_BOX[mode]`) with probability
+    p, filled with per-pixel, per-channel N(0, 1) noise.
+
+    'pixel': timm RandomErasing(p, mode='pixel', max_count=1) on a normalised image: the noise is
+    in normalised units. 'torchvision': torchvision RandomErasing(p, value="random") on a [0, 255]
+    image (deit3-jax erases the uint8 PIL image): the noise goes through torch's uint8 cast
+    (`torch_uint8_cast`), so the box is ~68% 0, ~14% each 1 and 255, ~2% each 2 and 254.
+    """
+    if mode not in ERASE_BOX:
+        raise ValueError(f"mode={mode!r}: allowed {sorted(ERASE_BOX)}")
+    k_p, k_box, k_noise = jax.random.split(key, 3)
+    x = jnp.asarray(image, jnp.float32)
+    box, ok = erase_box(k_box, x.shape[0], x.shape[1], *ERASE_BOX[mode])
+
+    def fill(x):
+        z = jax.random.normal(k_noise, x.shape, jnp.float32)
+        return erase(x, box, z if mode == "pixel" else torch_uint8_cast(z))
 
     # A real branch under lax.map: the noise (the costliest part) is drawn only when erasing.
-    return jax.lax.cond((jax.random.uniform(k_p) < p) & ok, erase, lambda x: x, image)
+    return jax.lax.cond((jax.random.uniform(k_p) < p) & ok, fill, lambda x: x, x)
 
 
 # ----------------------------------------------------------------------------- train / eval transforms
 
 
 @functools.lru_cache(maxsize=None)
-def policy(auto_augment: str | None) -> Callable[[PRNGKeyArray, jax.Array], jax.Array] | None:
-    """The per-image policy for an `auto_augment` string: None/'none', '3a' or 'rand-...'."""
+def policy(auto_augment: str | None,
+           fill: tuple[int, int, int] = FILL) -> Callable[[PRNGKeyArray, jax.Array], jax.Array] | None:
+    """The per-image policy for an `auto_augment` string: None/'none', '3a' or 'rand-...';
+    `fill` is RandAugment's geometric fill colour (see GEOMETRIC_FILLS)."""
     if auto_augment in (None, "", "none"):
         return None
     if auto_augment == "3a":
         return three_augment
     if auto_augment.startswith("rand"):
-        return functools.partial(rand_augment, parse_rand_augment(auto_augment))
+        return functools.partial(rand_augment, parse_rand_augment(auto_augment, fill))
     raise ValueError(f"auto_augment={auto_augment!r}: allowed None, 'none', '3a' or a timm 'rand-...' string")
 
 
 def augment_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Image) -> Float[Array, "h w 3"]:
-    """The whole per-image train transform: flip, policy, jitter, normalise, erase."""
+    """The whole per-image train transform: flip, policy, jitter, erase ('torchvision' mode, on
+    the [0, 255] image, as deit3-jax erases the uint8 PIL image), normalise, erase ('pixel' mode)."""
     k_flip, k_policy, k_jitter, k_erase = jax.random.split(key, 4)
-    x = image.astype(jnp.float32)
+    x = jnp.asarray(image, jnp.float32)
     if cfg.hflip > 0:
         x = random_hflip(k_flip, x, cfg.hflip)
-    pol = policy(cfg.auto_augment)
+    pol = policy(cfg.auto_augment, GEOMETRIC_FILLS[cfg.geometric_fill])
     if pol is not None:
         x = pol(k_policy, x)
     if cfg.color_jitter > 0:
         x = color_jitter(k_jitter, x, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)
+    erase_mode = cfg.random_erasing_mode if cfg.random_erasing > 0 else None
+    if erase_mode == "torchvision":
+        x = random_erasing(k_erase, x, cfg.random_erasing, "torchvision")
     x = normalize(x)
-    if cfg.random_erasing > 0:
-        x = random_erasing(k_erase, x, cfg.random_erasing)
+    if erase_mode == "pixel":
+        x = random_erasing(k_erase, x, cfg.random_erasing, "pixel")
     return x
 
 
@@ -455,11 +519,13 @@ def _map_images(fn, keys, images):
     return jax.lax.map(lambda a: fn(*a), (keys, images), batch_size=chunk)
 
 
-def train_transform(cfg: AugmentConfig, key: PRNGKeyArray, images: UInt8[Array, "b h w 3"]) -> Float[Array, "b h w 3"]:
-    """Per-image random transforms (one key per image), then ImageNet normalisation.
+def train_transform(cfg: AugmentConfig, key: PRNGKeyArray, images: Images) -> Float[Array, "b h w 3"]:
+    """`augment_one` per image (one key per image): uint8 in, ImageNet-normalised float out.
 
-    With no policy, jitter or erasing this is flip (if cfg.hflip > 0) + normalise, batched.
+    With no policy, jitter or erasing (of either mode) this is flip (if cfg.hflip > 0) +
+    normalise, batched.
     """
+    images = jnp.asarray(images)
     if cfg.auto_augment in (None, "", "none") and cfg.color_jitter <= 0 and cfg.random_erasing <= 0:
         x = images.astype(jnp.float32)
         if cfg.hflip > 0:
@@ -471,8 +537,8 @@ def train_transform(cfg: AugmentConfig, key: PRNGKeyArray, images: UInt8[Array, 
     return per_device(lambda _, im, ks: _map_images(one, ks, im), (), (images, keys))
 
 
-def eval_transform(images: UInt8[Array, "b h w 3"]) -> Float[Array, "b h w 3"]:
-    return normalize(images)
+def eval_transform(images: Images) -> Float[Array, "b h w 3"]:
+    return normalize(jnp.asarray(images))
 
 
 # ----------------------------------------------------------------------------- targets, Mixup / CutMix
@@ -549,11 +615,13 @@ def mixup_cutmix(cfg: AugmentConfig, key: PRNGKeyArray, images: Float[Array, "b 
 
 
 __all__ = [
-    "FILL", "RAND_INCREASING_TRANSFORMS", "RAND_TRANSFORMS", "RandAugment", "affine", "apply_op",
+    "DEIT3_JAX_FILL", "ERASE_BOX", "FILL", "GEOMETRIC_FILLS", "RAND_INCREASING_TRANSFORMS", "RAND_TRANSFORMS",
+    "RandAugment", "affine", "apply_op",
     "apply_color_jitter", "apply_rand_augment", "apply_three_augment", "augment_one", "auto_contrast", "brightness", "color", "color_jitter", "contrast",
-    "cutmix_box", "equalize", "erase_box", "eval_transform", "gaussian_blur", "grayscale", "hflip", "invert",
+    "cutmix_box", "equalize", "erase", "erase_box", "eval_transform", "gaussian_blur", "grayscale", "hflip", "invert",
     "mixup_cutmix", "one_hot_targets", "op_argument", "parse_rand_augment", "policy", "posterize",
     "rand_augment", "random_erasing", "random_hflip", "rotate", "sample_color_jitter", "sample_rand_augment",
     "sample_three_augment", "sharpness", "shear_x",
-    "shear_y", "solarize", "solarize_add", "three_augment", "train_transform", "translate_x", "translate_y",
+    "shear_y", "solarize", "solarize_add", "three_augment", "torch_uint8_cast", "train_transform", "translate_x",
+    "translate_y",
 ]

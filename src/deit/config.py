@@ -101,7 +101,9 @@ class DataConfig:
     train_dataset_shards: str = "digits:train"
     """webdataset shard spec: brace-expanded paths, `pipe:CMD`, gs:// or https:// URLs, or
     `digits:train` / `digits:valid` for the embedded digits dataset (prepared on first use)."""
-    valid_dataset_shards: str = "digits:valid"
+    valid_dataset_shards: str | None = "digits:valid"
+    """Validation shards; None (`null` in a recipe, as deit3-jax's in21k pre-training) validates
+    nothing: no val metrics, `last` saved at each eval interval, no `best`."""
     train_batch_size: int = 64
     """Global batch size (all devices and hosts together)."""
     valid_batch_size: int = 256
@@ -128,6 +130,13 @@ class AugmentConfig:
     auto_augment: str | None = None
     """timm policy string, e.g. 'rand-m9-mstd0.5-inc1', or '3a' (DeiT-III 3-Augment)."""
     random_erasing: float = 0.0
+    random_erasing_mode: Literal["torchvision", "pixel"] = "torchvision"
+    """'torchvision': deit3-jax's `RandomErasing(p, value="random")` on the uint8 image after color
+    jitter (the N(0, 1) noise stored as uint8: mostly 0, 1 and 255, so a dark box with white
+    specks); 'pixel': timm's mode='pixel' on the normalised image (per-pixel N(0, 1); DeiT paper)."""
+    geometric_fill: Literal["deit3-jax", "timm"] = "deit3-jax"
+    """Fill colour of RandAugment's geometric ops: deit3-jax passes int(255 x ImageNet mean) =
+    (123, 116, 103) to timm; timm's create_transform rounds, (124, 116, 104)."""
     augment_repeats: int = 1
     test_crop_ratio: float = 0.875
     hflip: float = 0.5
@@ -142,6 +151,10 @@ class AugmentConfig:
         _check([
             (self.random_crop in ("none", "rrc", "src"), f"random_crop={self.random_crop!r}: allowed 'none', 'rrc', 'src'"),
             (self.criterion in ("ce", "bce"), f"criterion={self.criterion!r}: allowed 'ce', 'bce'"),
+            (self.random_erasing_mode in ("torchvision", "pixel"),
+             f"random_erasing_mode={self.random_erasing_mode!r}: allowed 'torchvision', 'pixel'"),
+            (self.geometric_fill in ("deit3-jax", "timm"),
+             f"geometric_fill={self.geometric_fill!r}: allowed 'deit3-jax', 'timm'"),
             _min("color_jitter", self.color_jitter, 0.0), _in("random_erasing", self.random_erasing, 0.0, 1.0),
             _min("augment_repeats", self.augment_repeats, 1),
             _in("test_crop_ratio", self.test_crop_ratio, 0.0, 1.0, lo_open=True), _in("hflip", self.hflip, 0.0, 1.0),

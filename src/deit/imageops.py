@@ -28,21 +28,26 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, UInt8
 
 from deit.model import IMAGENET_MEAN
 
-Image = UInt8[Array, "h w 3"] | Float[Array, "h w 3"]
+Image = UInt8[Array, "h w 3"] | Float[Array, "h w 3"] | UInt8[np.ndarray, "h w 3"] | Float[np.ndarray, "h w 3"]
 Out = Float[Array, "h w 3"]
 Scalar = float | int | Float[Array, ""] | Int[Array, ""]
 Fill = tuple[int | float, int | float, int | float] | Float[Array, "3"]
 
-# timm's fill colour for geometric ops: round(255 * ImageNet mean) per channel.
+# Fill colour of the geometric ops (the ops' default, which the PIL parity tests use): timm's
+# create_transform passes round(255 * ImageNet mean) to RandAugment.
 FILL: tuple[int, int, int] = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
+# deit3-jax passes `(IMAGENET_DEFAULT_MEAN * 255).astype(int)` instead: truncated, one level darker
+# in red and blue. `AugmentConfig.geometric_fill` picks between the two.
+DEIT3_JAX_FILL: tuple[int, int, int] = tuple(int(255 * m) for m in IMAGENET_MEAN)  # (123, 116, 103)
 
 
 def _f32(image):
-    return image.astype(jnp.float32)
+    return jnp.asarray(image, jnp.float32)
 
 
 def _u8(image: Image) -> Int[Array, "h w 3"]:
@@ -322,7 +327,7 @@ def gaussian_blur(image: Image, sigma: Scalar, max_sigma: float | None = None) -
 
 
 __all__ = [
-    "FILL", "affine", "auto_contrast", "brightness", "color", "contrast", "equalize", "gaussian_blur",
+    "DEIT3_JAX_FILL", "FILL", "affine", "auto_contrast", "brightness", "color", "contrast", "equalize", "gaussian_blur",
     "grayscale", "hflip", "invert", "luma", "posterize", "rotate", "rotate_coeffs", "sharpness", "shear_x",
     "shear_y", "smooth", "solarize", "solarize_add", "translate_x", "translate_y",
 ]
