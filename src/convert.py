@@ -12,11 +12,10 @@ leaving no output file behind.
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from deit.fileio import atomic_path
 from deit.interop import load_model, save_model, to_timm
 
 WRITABLE = (".safetensors", ".pth", ".pt")
@@ -28,14 +27,8 @@ def save_torch(model, path: Path, layout: str) -> None:
     except ImportError:
         raise ValueError("writing .pth needs torch (pip install torch)") from None
     state = {k: torch.from_numpy(v) for k, v in to_timm(model, layout).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # never a half-written file under the final name
         torch.save(state, tmp)
-        os.replace(tmp, path)  # never a half-written file under the final name
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def convert(src: str, dst: str, layout: str = "deit3", heads: int | None = None,

@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: `python src/evaluate.py --checkpoint PATH --valid-dataset-shards SPEC`.
 
 Prints one JSON object with `acc1`, `acc5`, `loss`, `num_samples` and `skipped`. Exact: the last
-batch is padded and masked, so every sample of the shards counts once.
+batch is padded and masked, so every sample of the shards counts once. The loss is the training
+criterion of the checkpoint's config (BCE for bce recipes, as deit3-jax), else softmax CE.
 """
 
 import dataclasses
@@ -30,7 +31,7 @@ def run(args: Args) -> dict:
     import jax
 
     from deit import checkpoint, data, sharding
-    from deit.config import Config, from_dict
+    from deit.config import Config, check_divisible, from_dict
     from deit.interop import load_model
     from deit.trainer import evaluate
 
@@ -40,19 +41,19 @@ def run(args: Args) -> dict:
         cfg = from_dict(checkpoint.read_meta(args.checkpoint)["config"])
     except (FileNotFoundError, NotADirectoryError, KeyError):
         cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, test_crop_ratio=0.875))
-    if args.image_size not in (None, model.cfg.image_size):
-        raise ValueError(f"image_size={args.image_size}: this model was built for {model.cfg.image_size}")
+    if args.image_size not in (None, model.cfg.image_size) and model.cfg.posemb != "sincos2d":
+        raise ValueError(f"image_size={args.image_size}: this model's learnable position embedding is for "
+                         f"{model.cfg.image_size} (a sincos2d model evaluates at any size)")
     cfg = dataclasses.replace(
-        cfg, model=model.cfg,
+        cfg, model=dataclasses.replace(model.cfg, image_size=args.image_size or model.cfg.image_size),
         data=dataclasses.replace(cfg.data, valid_dataset_shards=args.valid_dataset_shards,
                                  valid_batch_size=args.valid_batch_size, valid_loader_workers=args.valid_loader_workers),
         augment=dataclasses.replace(cfg.augment, test_crop_ratio=args.test_crop_ratio or cfg.augment.test_crop_ratio))
     mesh = sharding.make_mesh(1)
-    if args.valid_batch_size % mesh.size:
-        raise ValueError(f"valid_batch_size={args.valid_batch_size} is not divisible by the device count {mesh.size}")
+    check_divisible("valid_batch_size", args.valid_batch_size, mesh.size, f"the device count {mesh.size}")
     batches = data.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     try:
-        result = evaluate(model, batches, mesh, progress=args.progress)
+        result = evaluate(model, batches, mesh, progress=args.progress, criterion=cfg.augment.criterion)
     finally:
         batches.close()
     return result

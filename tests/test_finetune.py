@@ -209,3 +209,31 @@ def test_train_cli_fine_tunes_from_checkpoint(tmp_path):
     assert tuned.cfg.image_size == 32 and tuned.pos_embed.shape == (64, 32)
     np.testing.assert_allclose(np.asarray(tuned.blocks.attn.qkv.weight), np.asarray(pre.blocks.attn.qkv.weight), atol=1e-4)
     np.testing.assert_allclose(np.asarray(tuned.pos_embed), np.asarray(resize_pos_embed(pre.pos_embed, 8)), atol=1e-4)
+
+
+def test_find_pretrained_takes_the_file_or_our_run(tmp_path):
+    from deit.finetune import find_pretrained
+
+    msgpack_path = tmp_path / "deit3-b16-pt-192-in1k-400ep-last.msgpack"
+    with pytest.raises(ValueError, match=r"no such file nor our run's checkpoint .*deit3-b16-pt-192-in1k-400ep/checkpoints/last"):
+        find_pretrained(str(msgpack_path))
+    with pytest.raises(ValueError, match=r"pretrained_ckpt='.*w\.safetensors': no such file;"):
+        find_pretrained(str(tmp_path / "w.safetensors"))
+    run = tmp_path / "deit3-b16-pt-192-in1k-400ep" / "checkpoints" / "last"
+    run.mkdir(parents=True)
+    deit.save_model(deit.init_model(SMALL), run / "model.safetensors")
+    assert find_pretrained(str(msgpack_path)) == str(run)  # our own run, by deit3-jax's file name
+    msgpack_path.write_bytes(b"x")
+    assert find_pretrained(str(msgpack_path)) == str(msgpack_path)  # a published .msgpack wins
+
+
+def test_finetune_recipe_without_its_pretraining_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GCS_MODEL_DIR"}
+    r = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "recipes:deit3-s16-pt-224-in21k-90ep-ft-224-in1k-50ep",
+                        "--train-dataset-shards", "digits:train", "--valid-dataset-shards", "digits:valid",
+                        "--output-dir", str(tmp_path / "o")], cwd=tmp_path,
+                       env={**env, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1
+    assert "outputs/deit3-s16-pt-224-in21k-90ep-last.msgpack" in r.stderr and "checkpoints/last" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -50,7 +50,7 @@ from deit.config import AugmentConfig
 from deit.imageops import (DEIT3_JAX_FILL, FILL, affine, auto_contrast, brightness, color, contrast, equalize,
                            gaussian_blur, grayscale, hflip, invert, posterize, rotate, sharpness, shear_x, shear_y,
                            solarize, solarize_add, translate_x, translate_y)
-from deit.model import IMAGENET_MEAN, IMAGENET_STD, normalize
+from deit.model import normalize
 
 Image = UInt8[Array, "h w 3"] | Float[Array, "h w 3"] | UInt8[np.ndarray, "h w 3"] | Float[np.ndarray, "h w 3"]
 Images = UInt8[Array, "b h w 3"] | UInt8[np.ndarray, "b h w 3"]

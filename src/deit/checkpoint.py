@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import load as load_bytes
 from safetensors.numpy import save_file
 
-from deit import data
+from deit.fileio import fs_path, join
 from deit.interop import save_model
 
 STATE_FILE, MODEL_FILE, META_FILE = "train_state.safetensors", "model.safetensors", "meta.json"
@@ -47,27 +47,8 @@ STEP_NAME = re.compile(r"step-(\d+)$")
 FAULT_ENV = "DEIT_FAULT"
 
 
-def fs_path(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(str(url))
-
-
-def join(url: str | os.PathLike, *parts: str) -> str:
-    return "/".join([str(url).rstrip("/"), *parts])
-
-
 def checkpoint_dir(output_dir: str | os.PathLike, name: str) -> str:
     return join(output_dir, "checkpoints", name)
-
-
-def write_text(url: str, text: str) -> None:
-    """Write a small text file: locally atomically (temp + rename), else at any fsspec URL."""
-    fs, path = fs_path(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        data.write_text(Path(path), text)
-    else:
-        with fs.open(path, "w") as f:
-            f.write(text)
 
 
 def host_arrays(state: Any) -> dict[str, np.ndarray]:

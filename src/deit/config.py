@@ -27,6 +27,22 @@ def _min(name: str, value: float | int, lo: float | int) -> tuple[bool, str]:
     return value >= lo, f"{name}={value}: must be >= {lo}"
 
 
+def check_divisible(name: str, value: int, by: int, what: str) -> int:
+    """value // by; a one-line ValueError naming both when `by` does not divide `value`."""
+    if value < 1 or value % by:
+        raise ValueError(f"{name}={value} is not divisible by {what}")
+    return value // by
+
+
+def check_batches(cfg: "Config", devices: int) -> None:
+    """Batches split evenly over the devices (and, for training, over grad_accum micro-batches)."""
+    accum = cfg.optim.grad_accum
+    check_divisible("train_batch_size", cfg.data.train_batch_size, devices, f"the device count {devices}")
+    check_divisible("valid_batch_size", cfg.data.valid_batch_size, devices, f"the device count {devices}")
+    check_divisible("train_batch_size", cfg.data.train_batch_size, devices * accum,
+                    f"devices x grad_accum = {devices} x {accum}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture. Field names are deit3-jax's flags; extra fields default to its behaviour."""

@@ -46,7 +46,8 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from deit import crop
-from deit.config import Config
+from deit.config import Config, check_divisible
+from deit.fileio import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +63,14 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, 
 
     Fixed mtime/owner so the same samples give byte-identical shards.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, files in samples:
-                for ext, data in files.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    tar.addfile(info, io.BytesIO(data))
-                n += 1
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide shards from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+            n += 1
     return n
 
 
@@ -183,12 +175,6 @@ def prepare_folder(src: str | os.PathLike, out_dir: str | os.PathLike, *, prefix
     bar.close()
     write_text(out / f"{prefix}-classes.json", json.dumps(class_to_idx, indent=1))
     return str(out / f"{prefix}-{{0000..{n_shards - 1:04d}}}.tar"), class_to_idx
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cache_root() -> Path:
@@ -618,12 +604,6 @@ def full_state(state: dict[str, int], k: int) -> dict[str, int]:
     return state
 
 
-def split_batch(batch_size: int, process_count: int, name: str) -> int:
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"{name}={batch_size}: must be a positive multiple of process_count={process_count}")
-    return batch_size // process_count
-
-
 def check_process(process_index: int, process_count: int) -> None:
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index}, process_count={process_count}: "
@@ -718,7 +698,7 @@ def train_batches(cfg: Config, *, process_index: int = 0, process_count: int = 1
     older states without `copies` load) or `start_step` (replays the stream).
     """
     check_process(process_index, process_count)
-    local = split_batch(cfg.data.train_batch_size, process_count, "train_batch_size")
+    local = check_divisible("train_batch_size", cfg.data.train_batch_size, process_count, f"process_count={process_count}")
     accum = cfg.optim.grad_accum
     if local % accum:
         raise ValueError(f"grad_accum={accum}: must divide the per-process batch {local}")
@@ -785,7 +765,7 @@ def valid_batches(cfg: Config, *, process_index: int = 0, process_count: int = 1
     valid_batch_size // process_count; each sample exactly once, padding masked out, the
     same number of batches on every process."""
     check_process(process_index, process_count)
-    batch = split_batch(cfg.data.valid_batch_size, process_count, "valid_batch_size")
+    batch = check_divisible("valid_batch_size", cfg.data.valid_batch_size, process_count, f"process_count={process_count}")
     urls = expand_shards(cfg.data.valid_dataset_shards)
     return Loader(functools.partial(valid_stream, urls=urls, cfg=cfg, process_index=process_index,
                                     process_count=process_count, batch=batch),

@@ -12,6 +12,7 @@ image size, labels, droppath, GELU); only the weights come from the pretrained m
 import json
 import numbers
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,25 @@ def adapt_pretrained(pretrained: ViT, target: ViT, label_mapping: dict | None = 
     if target.head_dist is not None:
         out = eqx.tree_at(lambda m: m.head_dist, out, adapt_head(pretrained.head_dist, target.head_dist, label_mapping))
     return out
+
+
+# deit3-jax's checkpoint file names: `<output_dir>/<run name>-{last,best}.msgpack`.
+DEIT3_JAX_NAME = re.compile(r"^(?P<dir>.*?)/?(?P<run>[^/]+)-(?P<which>last|best)\.msgpack$")
+
+
+def find_pretrained(path: str) -> str:
+    """The weights a fine-tuning recipe names, as given if that path exists; else, for a
+    deit3-jax name `DIR/RUN-last.msgpack`, our own run `DIR/RUN/checkpoints/last` (a recipe's
+    default output dir is `outputs/RUN`, and `$GCS_MODEL_DIR` defaults to `outputs`)."""
+    if "://" in path or os.path.exists(path):
+        return path
+    m = DEIT3_JAX_NAME.match(path)
+    ours = m and os.path.join(m["dir"] or ".", m["run"], "checkpoints", m["which"])
+    if ours and os.path.isfile(os.path.join(ours, "model.safetensors")):
+        return ours
+    also = f" nor our run's checkpoint {ours}" if ours else ""
+    raise ValueError(f"pretrained_ckpt={path!r}: no such file{also}; train the pre-training recipe first "
+                     "(its default --output-dir is outputs/RUN), or set $GCS_MODEL_DIR / --pretrained-ckpt")
 
 
 def load_pretrained(cfg: Config, target: ViT) -> ViT:

@@ -9,19 +9,18 @@ Nothing is ever unpickled: `.pth` files go through `torch.load(weights_only=True
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import msgpack
 import numpy as np
 
 from deit.config import ModelConfig
-from deit.model import ViT, sincos2d
+from deit.fileio import atomic_path
+from deit.model import ViT, sincos2d, skeleton
 
 FORMAT_VERSION = "1"
 WEIGHT_FORMATS = "a directory holding model.safetensors, .safetensors, .pth/.pt/.bin (torch), .msgpack (deit3-jax)"
@@ -78,14 +77,10 @@ def _timm_shape(name: str, shape: tuple[int, ...], layer: int | None) -> tuple[i
     return tuple(shape)
 
 
-def _skeleton(cfg: ModelConfig) -> ViT:
-    return eqx.filter_eval_shape(ViT, cfg, key=jax.random.key(0))
-
-
 def timm_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Expected timm (deit3 layout) key -> shape for a config; `pos_embed` only when learnable."""
     shapes = {}
-    for name, leaf in _leaf_names(_skeleton(cfg)):
+    for name, leaf in _leaf_names(skeleton(cfg)):
         for key, layer in _timm_entries(name, cfg.layers):
             shapes[key] = _timm_shape(name, leaf.shape, layer)
     return shapes
@@ -105,16 +100,16 @@ def _check_against(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
 
 def _fill(cfg: ModelConfig, flat: Mapping[str, np.ndarray]) -> ViT:
     """A ViT whose leaves are taken from a checked timm-named flat dict (blocks stacked)."""
-    skeleton = _skeleton(cfg)
+    abstract = skeleton(cfg)
     values = {}
-    for name, leaf in _leaf_names(skeleton):
+    for name, leaf in _leaf_names(abstract):
         entries = _timm_entries(name, cfg.layers)
         if entries[0][1] is not None:
             arr = np.stack([flat[key] for key, _ in entries])
         else:
             arr = flat[entries[0][0]].reshape(leaf.shape)
         values[name] = jnp.asarray(arr, dtype=leaf.dtype)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = [values[jax.tree_util.keystr(p, simple=True, separator=".")] if isinstance(x, jax.ShapeDtypeStruct) else x
               for p, x in paths]
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -410,14 +405,8 @@ def save_model(model: ViT, path: str | os.PathLike, layout: Literal["deit3", "vi
         raise ValueError(f"save_model writes .safetensors, got {path}")
     arrays = {k: np.ascontiguousarray(v) for k, v in to_timm(model, layout).items()}
     meta = {"deit.format": FORMAT_VERSION, "deit.config": model.cfg.to_json(), "deit.layout": layout}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp), metadata=meta)
     return path
 
 

@@ -20,11 +20,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from deit import optim, sharding
-from deit.config import Config, from_dict
-from deit.model import ViT
+from deit.config import Config, check_divisible, from_dict
+from deit.model import ViT, skeleton
 from deit.steps import init_state, make_train_step
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -50,8 +50,7 @@ def abstract_batch(cfg: Config, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, jax.S
 
 def compile_train_step(cfg: Config, mesh: Mesh) -> tuple[Any, float, float]:
     """(compiled train step, trace+lower seconds, XLA compile seconds) for `mesh`."""
-    skeleton = eqx.filter_eval_shape(ViT, cfg.model, key=jax.random.key(0))
-    opt = optim.build(cfg, skeleton)
+    opt = optim.build(cfg, skeleton(cfg.model))
     state, static, shardings = abstract_state(cfg, mesh, opt.tx)
     step_fn = make_train_step(cfg, opt.tx, opt.schedule, shardings).__wrapped__
 
@@ -80,18 +79,13 @@ def memory_stats(compiled: Any) -> dict[str, int]:
     return {k: int(v) for k, v in stats.items()}
 
 
-def check_batch(cfg: Config, n: int) -> None:
-    b, accum = cfg.data.train_batch_size, cfg.optim.grad_accum
-    if b % (n * accum):
-        raise ValueError(f"train_batch_size={b} is not divisible by devices x grad_accum = {n} x {accum}")
-
-
 def report(cfg: Config, n: int) -> dict[str, Any]:
     """Per-device memory and compile time of the train step on the first `n` local devices."""
     if len(jax.devices()) < n:
         raise ValueError(f"memory_report={n} needs {n} devices, JAX has {len(jax.devices())} "
                          f"(set XLA_FLAGS={DEVICE_COUNT_FLAG}={n} before JAX starts)")
-    check_batch(cfg, n)
+    check_divisible("train_batch_size", cfg.data.train_batch_size, n * cfg.optim.grad_accum,
+                    f"devices x grad_accum = {n} x {cfg.optim.grad_accum}")
     mesh = sharding.make_mesh(cfg.fsdp, jax.devices()[:n])
     compiled, lower_s, compile_s = compile_train_step(cfg, mesh)
     stats = memory_stats(compiled)

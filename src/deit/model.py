@@ -7,9 +7,8 @@ with `eqx.nn.inference_mode`.
 """
 
 import dataclasses
-import json
 import math
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -96,9 +95,8 @@ class ViT(eqx.Module):
         if set(changes) - allowed:
             raise ValueError(f"cannot change {sorted(set(changes) - allowed)} of a built model; allowed: {sorted(allowed)}")
         cfg = dataclasses.replace(self.cfg, **changes)
-        skeleton = eqx.filter_eval_shape(ViT, cfg, key=jax.random.key(0))
         arrays = iter(x for x in jax.tree.leaves(self) if eqx.is_array(x))
-        leaves, treedef = jax.tree.flatten(skeleton)
+        leaves, treedef = jax.tree.flatten(skeleton(cfg))
         leaves = [next(arrays) if isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
         return jax.tree.unflatten(treedef, leaves)
 
@@ -176,6 +174,11 @@ class ViT(eqx.Module):
         return logits if dist is None else (logits + dist) / 2
 
 
+def skeleton(cfg: ModelConfig) -> ViT:
+    """The model's structure with ShapeDtypeStructs for arrays: shapes without allocating."""
+    return eqx.filter_eval_shape(ViT, cfg, key=jax.random.key(0))
+
+
 def init_model(cfg: ModelConfig, seed: int = 0) -> ViT:
     # Jitted: one compiled init instead of hundreds of dispatched random ops.
     return eqx.filter_jit(ViT)(cfg, key=jax.random.key(seed))
@@ -185,7 +188,7 @@ def count_params(cfg_or_model: "ModelConfig | ViT") -> int:
     """Number of trainable scalars (computed from shapes only: no memory is allocated)."""
     model = cfg_or_model
     if isinstance(model, ModelConfig):
-        model = eqx.filter_eval_shape(ViT, model, key=jax.random.key(0))
+        model = skeleton(model)
     leaves = jax.tree.leaves(model)
     return int(sum(math.prod(x.shape) for x in leaves if isinstance(x, (jax.Array, jax.ShapeDtypeStruct))))
 

@@ -34,7 +34,10 @@ def flags(name: str) -> dict:
 
 
 def load(name: str) -> Config:
-    return from_flat(flags(name))
+    """The recipe's config; its output dir defaults to `outputs/<recipe>` (aliases resolved), where
+    the matching fine-tuning recipe looks for its pre-trained weights (see `finetune.find_pretrained`)."""
+    target = _aliases().get(name, name)
+    return from_flat({"output_dir": f"outputs/{target}", **flags(name)})
 
 
 def describe(name: str) -> str:

@@ -14,6 +14,8 @@ import fsspec
 import jax
 from fsspec.implementations.local import LocalFileSystem
 
+from deit.fileio import write_text
+
 
 class Tracker:
     """`output_dir` may be local or an fsspec URL (gs://...): a remote metrics.jsonl is rewritten
@@ -52,8 +54,6 @@ class Tracker:
             self.run = None
 
     def _rewrite(self) -> None:
-        from deit.checkpoint import write_text  # deferred: checkpoint pulls in the model
-
         write_text(self.url, "".join(ln + "\n" for ln in self.lines))
 
     def set(self, key: str, value: Any) -> None:

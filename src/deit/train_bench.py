@@ -24,7 +24,7 @@ import numpy as np
 
 from deit import optim, recipes, sharding
 from deit.config import AugmentConfig, Config, ModelConfig, from_flat
-from deit.model import ViT, count_params, forward_flops, preset
+from deit.model import ViT, count_params, forward_flops, preset, skeleton
 from deit.steps import eval_step, init_state, make_train_step
 
 # Augmentation "on": the DeiT recipe's on-device policy (RandAugment m9, erasing 0.25, hflip,
@@ -71,7 +71,7 @@ class OursTrain:
 
     def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray):
         self.mesh = sharding.make_mesh(1, jax.devices()[:1])
-        opt = optim.build(cfg, eqx.filter_eval_shape(ViT, cfg.model, key=jax.random.key(0)))
+        opt = optim.build(cfg, skeleton(cfg.model))
         # Built by one jitted call, as the trainer does: every leaf its own buffer (donatable).
         make = lambda: init_state(ViT(cfg.model, key=jax.random.key(cfg.init_seed)), opt.tx)
         self.state = eqx.filter_jit(make)()

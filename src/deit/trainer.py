@@ -18,25 +18,32 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deit import checkpoint, data, finetune, hardware, optim, sharding
-from deit.config import Config
+from deit import checkpoint, data, fileio, finetune, hardware, optim, sharding
+from deit.config import Config, check_batches
 from deit.interop import load_model
-from deit.model import ViT, forward_flops
+from deit.model import ViT, forward_flops, skeleton
 from deit.steps import TrainState, eval_step, init_state, make_train_step
 from deit.tracking import Tracker
 
 ENV_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
-def resolve_env(name: str, value: str | None) -> str | None:
-    """Expand `$GCS_DATASET_DIR`-style variables; an unset one is an error naming it."""
+# Where fine-tuning recipes look for `$GCS_MODEL_DIR/NAME-last.msgpack` when the variable is
+# unset: the parent of the recipes' default output dirs (`outputs/NAME`), so a pre-training run
+# is found by its -ft recipe as it is.
+MODEL_DIR_DEFAULT = {"GCS_MODEL_DIR": "outputs"}
+
+
+def resolve_env(name: str, value: str | None, defaults: dict[str, str] | None = None) -> str | None:
+    """Expand `$GCS_DATASET_DIR`-style variables; an unset one (without a default) is an error naming it."""
     if value is None:
         return None
-    missing = [m for m in ENV_VAR.findall(value) if m not in os.environ]
+    env = {**(defaults or {}), **os.environ}
+    missing = [m for m in ENV_VAR.findall(value) if m not in env]
     if missing:
         raise ValueError(f"{name}={value!r}: environment variable ${missing[0]} is not set "
                          f"(export it or pass --{name.replace('_', '-')})")
-    return os.path.expandvars(value)
+    return ENV_VAR.sub(lambda m: env[m.group(1)], value)
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -44,17 +51,8 @@ def resolve_paths(cfg: Config) -> Config:
     d = dataclasses.replace(d, train_dataset_shards=resolve_env("train_dataset_shards", d.train_dataset_shards),
                             valid_dataset_shards=resolve_env("valid_dataset_shards", d.valid_dataset_shards),
                             label_mapping=resolve_env("label_mapping", d.label_mapping))
-    return dataclasses.replace(cfg, data=d, pretrained_ckpt=resolve_env("pretrained_ckpt", cfg.pretrained_ckpt))
-
-
-def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    n = mesh.size
-    for name, b in (("train_batch_size", cfg.data.train_batch_size), ("valid_batch_size", cfg.data.valid_batch_size)):
-        if b % n:
-            raise ValueError(f"{name}={b} is not divisible by the device count {n}")
-    if cfg.data.train_batch_size % (n * cfg.optim.grad_accum):
-        raise ValueError(f"train_batch_size={cfg.data.train_batch_size} is not divisible by "
-                         f"devices x grad_accum = {n} x {cfg.optim.grad_accum}")
+    ckpt = resolve_env("pretrained_ckpt", cfg.pretrained_ckpt, MODEL_DIR_DEFAULT)
+    return dataclasses.replace(cfg, data=d, pretrained_ckpt=ckpt and finetune.find_pretrained(ckpt))
 
 
 def create_state(cfg: Config, mesh: jax.sharding.Mesh, tx) -> tuple[TrainState, Any]:
@@ -79,16 +77,23 @@ def valid_loader(cfg: Config) -> data.Loader:
     return data.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def has_validation(cfg: Config) -> bool:
+    """deit3-jax validates only when validation shards are named (its in21k pre-training
+    recipes name none: they log no val metrics and save `last` only)."""
+    return bool(cfg.data.valid_dataset_shards)
+
+
 def evaluate_many(models: dict[str, ViT], batches: Iterator, mesh: jax.sharding.Mesh, progress: bool = False,
-                  desc: str = "eval") -> dict[str, dict[str, float]]:
+                  desc: str = "eval", criterion: str = "ce") -> dict[str, dict[str, float]]:
     """Exact accuracy of several models (e.g. the model and its EMA) in one pass over the data:
-    padded batches are masked, sums reduced over hosts."""
+    padded batches are masked, sums reduced over hosts. The loss is the training `criterion`
+    (without smoothing or mixing), as deit3-jax's validation."""
     totals: dict[str, Any] = {name: None for name in models}
     for images, labels, mask in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         batch = sharding.shard_batch(mesh, images, labels, mask)
         for name, model in models.items():
             with sharding.mesh_context([b.sharding for b in batch]):  # batch-sharded activations
-                sums = eval_step(model, *batch)
+                sums = eval_step(model, *batch, criterion=criterion)
             totals[name] = sums if totals[name] is None else jax.tree.map(lambda a, b: a + b, totals[name], sums)
     results = {}
     for name, t in totals.items():
@@ -101,8 +106,8 @@ def evaluate_many(models: dict[str, ViT], batches: Iterator, mesh: jax.sharding.
 
 
 def evaluate(model: ViT, batches: Iterator, mesh: jax.sharding.Mesh, progress: bool = False,
-             desc: str = "eval") -> dict[str, float]:
-    return evaluate_many({"model": model}, batches, mesh, progress, desc)["model"]
+             desc: str = "eval", criterion: str = "ce") -> dict[str, float]:
+    return evaluate_many({"model": model}, batches, mesh, progress, desc, criterion)["model"]
 
 
 def load_teacher(cfg: Config, mesh: jax.sharding.Mesh) -> ViT | None:
@@ -128,7 +133,8 @@ def eval_only(cfg: Config, state: TrainState, mesh: jax.sharding.Mesh) -> dict[s
     """Evaluate the run's model (pretrained or resumed) once; print and return the metrics."""
     batches = valid_loader(cfg)
     try:
-        val = evaluate(state.model, batches, mesh, progress=cfg.progress and jax.process_index() == 0)
+        val = evaluate(state.model, batches, mesh, progress=cfg.progress and jax.process_index() == 0,
+                       criterion=cfg.augment.criterion)
     finally:
         batches.close()
     results = {f"val/{k}": v for k, v in val.items()}
@@ -168,7 +174,10 @@ def check_data(cfg: Config) -> None:
     """Shard patterns must match something before anything is compiled or written."""
     if not cfg.eval_only:
         data.expand_shards(cfg.data.train_dataset_shards)
-    data.expand_shards(cfg.data.valid_dataset_shards)
+    elif not has_validation(cfg):
+        raise ValueError("eval_only=True needs validation data; pass --valid-dataset-shards")
+    if has_validation(cfg):
+        data.expand_shards(cfg.data.valid_dataset_shards)
 
 
 class Preemption:
@@ -239,13 +248,12 @@ def train(cfg: Config) -> dict[str, float]:
     check_data(cfg)
     init_distributed(cfg)
     mesh = sharding.make_mesh(cfg.fsdp)
-    check_batch(cfg, mesh)
+    check_batches(cfg, mesh.size)
     writer = checkpoint.Writer(out, sync=not cfg.async_checkpoint)
     if jax.process_index() == 0:
-        checkpoint.write_text(checkpoint.join(out, "config.json"), cfg.to_json(indent=1))
+        fileio.write_text(fileio.join(out, "config.json"), cfg.to_json(indent=1))
 
-    skeleton = eqx.filter_eval_shape(ViT, cfg.model, key=jax.random.key(0))
-    opt = optim.build(cfg, skeleton)
+    opt = optim.build(cfg, skeleton(cfg.model))
     state, shardings = create_state(cfg, mesh, opt.tx)
     best, loader_state = -1.0, None
     if jax.process_index() == 0:
@@ -318,11 +326,13 @@ def train(cfg: Config) -> dict[str, float]:
                 tracker.log(done, log)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}", lr=f"{means['lr']:.2e}")
                 window, t_window, n_window = [], time.perf_counter(), 0
-            if done % cfg.eval_interval == 0 or done == total:
+            if (done % cfg.eval_interval == 0 or done == total) and not has_validation(cfg):
+                names.append("last")  # deit3-jax saves `last` at each eval interval, with or without data
+            elif done % cfg.eval_interval == 0 or done == total:
                 check_finite(metrics, done)
                 models = {"val": state.model} | ({"val_ema": state.ema} if state.ema is not None else {})
-                evals = evaluate_many(models, valid_loader(cfg), mesh,
-                                      progress=cfg.progress and jax.process_index() == 0)
+                evals = evaluate_many(models, valid_loader(cfg), mesh, progress=cfg.progress and jax.process_index() == 0,
+                                      criterion=cfg.augment.criterion)
                 val = evals["val"]
                 results = {f"{name}/{k}": v for name, e in evals.items() for k, v in e.items()}
                 tracker.log(done, results)
@@ -359,7 +369,8 @@ def train(cfg: Config) -> dict[str, float]:
         tracker.close()
         batches.close()
     if jax.process_index() == 0:
-        checkpoint.write_text(checkpoint.join(out, "results.json"),
-                   json.dumps({"step": int(state.step), **results, "val/best_acc1": best}))
+        best_acc1 = {"val/best_acc1": best} if has_validation(cfg) else {}
+        fileio.write_text(fileio.join(out, "results.json"),
+                              json.dumps({"step": int(state.step), **results, **best_acc1}))
     return results
 
