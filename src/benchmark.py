@@ -14,7 +14,7 @@ Subcommands:
             timm/PyTorch (same architecture built from our config, timm's AdamW, CE, torch threads
             = usable cores, bf16 via autocast with --dtype bfloat16), eval forward of both, achieved
             model FLOP/s and MFU against a large square matmul timed in the same run. All timed
-            calls interleave round by round; figures are medians (see deit.train_bench).
+            calls interleave round by round; figures are medians (see benchmarks.train_bench).
             Fields: benchmark, model (ModelConfig), batch, image_size, dtype, backend, device, cpu,
             cpu_count, threads, jax_version, xla_flags, load_average_start, load_average (at the
             end), params, forward_flops_per_image (matmuls, deit.model.forward_flops), rounds,
@@ -36,6 +36,7 @@ Add a subcommand: write `cmd_NAME(args) -> dict` and register its options in `SU
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -114,8 +115,8 @@ def cmd_augment(args: argparse.Namespace) -> dict:
     from PIL import Image
     from timm.data import Mixup
 
-    from deit import augment
-    from deit.config import AugmentConfig
+    from deit import augment, mixing
+    from deit.config import AugmentConfig, LossConfig
     from deit.model import init_model, preset
 
     b, size, n_timm = args.batch, args.size, args.timm_images - args.timm_images % 2
@@ -134,13 +135,15 @@ def cmd_augment(args: argparse.Namespace) -> dict:
     timed: dict[str, Callable[[int], object]] = {}
     policies: dict[str, dict] = {}
     for name, fields in POLICIES.items():
-        cfg = AugmentConfig(**fields)
+        loss_keys = {f.name for f in dataclasses.fields(LossConfig)}
+        cfg = AugmentConfig(**{k: v for k, v in fields.items() if k not in loss_keys})
+        loss = LossConfig(**{k: v for k, v in fields.items() if k in loss_keys})
 
         @jax.jit
-        def transform(key, x, y, cfg=cfg):
+        def transform(key, x, y, cfg=cfg, loss=loss):
             k1, k2 = jax.random.split(key)
-            t = augment.one_hot_targets(cfg, y, args.labels)
-            return augment.mixup_cutmix(cfg, k2, augment.train_transform(cfg, k1, x), t)
+            t = mixing.one_hot_targets(loss, y, args.labels)
+            return mixing.mixup_cutmix(cfg, k2, augment.train_transform(cfg, k1, x), t)
 
         t0 = time.perf_counter()
         jax.block_until_ready(transform(jax.random.key(0), images, labels))
@@ -230,7 +233,9 @@ def cmd_loader(args: argparse.Namespace) -> dict:
 
     from PIL import Image
 
-    from deit import data, loader_bench
+    from benchmarks import loader_bench
+    from deit.data.loader import resolve_shards
+    from deit.data.shards import shard_records
 
     tmp = None
     spec = args.shards
@@ -240,8 +245,8 @@ def cmd_loader(args: argparse.Namespace) -> dict:
         spec = loader_bench.photo_shards(tmp.name, args.count, size=(500, 375), quality=90)
         build_s = time.perf_counter() - t0
     try:
-        urls = data.expand_shards(spec)
-        files = [r.image for r in data.shard_records(urls, range(len(urls)), 0) if r.image is not None]
+        urls = resolve_shards(spec)
+        files = [r.image for r in shard_records(urls, range(len(urls)), 0) if r.image is not None]
         if not files:
             raise ValueError(f"shard spec {spec!r} holds no images")
         sizes = []
@@ -306,7 +311,7 @@ def cmd_loader(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
-    from deit import train_bench
+    from benchmarks import train_bench
 
     cfg = train_bench.model_config(args.model, args.image_size, args.labels, args.layers, args.scan_unroll)
     return train_bench.benchmark_train(cfg, batch=args.batch, dtype=args.dtype, rounds=args.rounds,

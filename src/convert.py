@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from deit.fileio import atomic_path
-from deit.interop import load_model, save_model, to_timm
+from deit.interop import load_model, save_model
+from deit.timm_weights import to_timm
 
 WRITABLE = (".safetensors", ".pth", ".pt")
 

@@ -30,10 +30,11 @@ class Args:
 def run(args: Args) -> dict:
     import jax
 
-    from deit import checkpoint, data, sharding
+    from deit import checkpoint, sharding
     from deit.config import Config, check_divisible, from_dict
+    from deit.data import loader
     from deit.interop import load_model
-    from deit.trainer import evaluate
+    from deit.evaluation import evaluate
 
     model = load_model(args.checkpoint)
     cfg = Config(model=model.cfg)
@@ -51,9 +52,9 @@ def run(args: Args) -> dict:
         augment=dataclasses.replace(cfg.augment, test_crop_ratio=args.test_crop_ratio or cfg.augment.test_crop_ratio))
     mesh = sharding.make_mesh(1)
     check_divisible("valid_batch_size", args.valid_batch_size, mesh.size, f"the device count {mesh.size}")
-    batches = data.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    batches = loader.valid_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     try:
-        result = evaluate(model, batches, mesh, progress=args.progress, criterion=cfg.augment.criterion)
+        result = evaluate(model, batches, mesh, progress=args.progress, criterion=cfg.loss.criterion)
     finally:
         batches.close()
     return result

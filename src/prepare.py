@@ -6,7 +6,7 @@
 
 import argparse
 
-from deit.data import prepare_digits, prepare_folder
+from deit.data.prepare import prepare_digits, prepare_folder
 
 
 def main(argv: list[str] | None = None) -> None:

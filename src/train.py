@@ -3,7 +3,8 @@
 Every recipe in `recipes/` is a subcommand; flags override its fields (deit3-jax's names).
 `--dry-run` prints the resolved config, parameter count and forward FLOPs as JSON and exits.
 With `--memory-report N` it adds XLA's per-device memory and compile time of the train step
-on N fake CPU devices (`deit.memory`).
+on N fake CPU devices (`deit.memory`). `main(argv, hooks)` runs in-process; `hooks`
+(a `deit.trainer.Hooks`) is how the tests inject faults (`tests/faults.py`).
 """
 
 import contextlib
@@ -70,7 +71,7 @@ def parse_or_exit(argv: list[str] | None) -> Config:
         raise
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, hooks=None) -> None:
     cfg = parse_or_exit(argv)
     if cfg.dry_run:
         info = {"config": cfg.to_dict(), "params": count_params(cfg.model), "flops": forward_flops(cfg.model)}
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     from deit.trainer import train  # heavy imports only when training
 
     try:
-        train(cfg)
+        train(cfg, hooks)
     except ValueError as e:  # bad config or data found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

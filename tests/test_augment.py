@@ -20,8 +20,12 @@ from timm.data import auto_augment as taa
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
 from deit import augment as A
+from deit import erasing as E
 from deit import imageops as O
-from deit.config import AugmentConfig, from_flat
+from deit import mixing as M
+from deit import perdevice
+from deit import randaugment as RA
+from deit.config import AugmentConfig, LossConfig, from_flat
 from deit.model import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +126,7 @@ def test_fill_constants_are_deit3_jax_and_timm_rules():
     mean = np.array(IMAGENET_DEFAULT_MEAN)
     assert O.DEIT3_JAX_FILL == tuple((mean * 0xFF).astype(int)) == (123, 116, 103)  # deit3-jax's img_mean
     assert O.FILL == tuple(min(255, round(255 * x)) for x in mean)                  # timm create_transform's
-    assert A.GEOMETRIC_FILLS == {"deit3-jax": O.DEIT3_JAX_FILL, "timm": O.FILL}
+    assert RA.GEOMETRIC_FILLS == {"deit3-jax": O.DEIT3_JAX_FILL, "timm": O.FILL}
 
 
 def _colours(image) -> set[tuple[int, int, int]]:
@@ -133,18 +137,18 @@ def _colours(image) -> set[tuple[int, int, int]]:
 @pytest.mark.parametrize("op", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
 def test_rand_augment_geometric_ops_fill(op, fill):
     """On a black image a geometric op leaves black and its fill colour only."""
-    ra = A.RandAugment(num_layers=1, magnitude=10.0, prob=1.0, ops=(op,), fill=fill)
+    ra = RA.RandAugment(num_layers=1, magnitude=10.0, prob=1.0, ops=(op,), fill=fill)
     for seed in range(2):  # both signs, both resamplings over the seeds
-        out = A.rand_augment(ra, jax.random.key(seed), np.zeros((40, 48, 3), np.uint8))
+        out = RA.rand_augment(ra, jax.random.key(seed), np.zeros((40, 48, 3), np.uint8))
         assert _colours(out) == {(0, 0, 0), fill}
-    arg = A.op_argument(op, 5.0, False, 16, 16)
-    assert _colours(A.apply_op(op, np.zeros((16, 16, 3), np.uint8), arg, fill=fill)) == {(0, 0, 0), fill}
+    arg = RA.op_argument(op, 5.0, False, 16, 16)
+    assert _colours(RA.apply_op(op, np.zeros((16, 16, 3), np.uint8), arg, fill=fill)) == {(0, 0, 0), fill}
 
 
 @pytest.mark.parametrize("name", ["deit3-jax", "timm"])
 def test_train_transform_uses_configured_geometric_fill(name):
     cfg = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", hflip=0.0, geometric_fill=name)
-    want, other = A.GEOMETRIC_FILLS[name], A.GEOMETRIC_FILLS["timm" if name == "deit3-jax" else "deit3-jax"]
+    want, other = RA.GEOMETRIC_FILLS[name], RA.GEOMETRIC_FILLS["timm" if name == "deit3-jax" else "deit3-jax"]
     black = np.zeros((32, 24, 24, 3), np.uint8)
     out = np.asarray(jax.jit(lambda k, x: A.train_transform(cfg, k, x))(jax.random.key(0), black))
     levels = np.round((out * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)) * 255).astype(int)
@@ -153,18 +157,18 @@ def test_train_transform_uses_configured_geometric_fill(name):
     # policy() is cached per (string, fill): the two fills are two policies
     assert A.policy(cfg.auto_augment, want).args[0].fill == want
     assert A.policy(cfg.auto_augment, want) is not A.policy(cfg.auto_augment, other)
-    assert A.parse_rand_augment(cfg.auto_augment).fill == O.FILL  # timm's rule unless told
+    assert RA.parse_rand_augment(cfg.auto_augment).fill == O.FILL  # timm's rule unless told
 
 
 def test_public_functions_accept_numpy():
     a = PHOTOS["coffee97x131"]
     k = jax.random.key(0)
     cfg = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, random_erasing=1.0)
-    ra = A.parse_rand_augment(cfg.auto_augment)
+    ra = RA.parse_rand_augment(cfg.auto_augment)
     for f in (O.equalize, O.hflip, lambda x: O.rotate(x, 10.0), lambda x: A.random_hflip(k, x),
-              lambda x: A.rand_augment(ra, k, x), lambda x: A.three_augment(k, x), lambda x: A.color_jitter(k, x),
-              lambda x: A.random_erasing(k, x, 1.0, "torchvision"), lambda x: A.augment_one(cfg, k, x),
-              lambda x: A.erase(x, (1, 2, 3, 4), np.zeros(x.shape, np.float32))):
+              lambda x: RA.rand_augment(ra, k, x), lambda x: A.three_augment(k, x), lambda x: A.color_jitter(k, x),
+              lambda x: E.random_erasing(k, x, 1.0, "torchvision"), lambda x: A.augment_one(cfg, k, x),
+              lambda x: E.erase(x, (1, 2, 3, 4), np.zeros(x.shape, np.float32))):
         for x in (a, a.astype(np.float32)):
             np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(f(jnp.asarray(x))))
     b = np.stack([a, a])
@@ -184,16 +188,16 @@ def test_rejects_bad_shapes():
 
 
 def test_parse_rand_augment():
-    ra = A.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    ra = RA.parse_rand_augment("rand-m9-mstd0.5-inc1")
     assert (ra.num_layers, ra.magnitude, ra.magnitude_std, ra.prob, ra.magnitude_max) == (2, 9.0, 0.5, 0.5, 10.0)
-    assert ra.ops == A.RAND_INCREASING_TRANSFORMS == tuple(taa._RAND_INCREASING_TRANSFORMS)
+    assert ra.ops == RA.RAND_INCREASING_TRANSFORMS == tuple(taa._RAND_INCREASING_TRANSFORMS)
     assert ra.interpolation == "random"  # timm's default when no interpolation is configured
-    assert A.parse_rand_augment("rand-m7-n3-p0.8-mstd101-mmax12").ops == tuple(taa._RAND_TRANSFORMS)
-    ra = A.parse_rand_augment("rand-m7-n3-p0.8-mstd101-mmax12")
+    assert RA.parse_rand_augment("rand-m7-n3-p0.8-mstd101-mmax12").ops == tuple(taa._RAND_TRANSFORMS)
+    ra = RA.parse_rand_augment("rand-m7-n3-p0.8-mstd101-mmax12")
     assert (ra.num_layers, ra.magnitude, ra.prob, ra.magnitude_std, ra.magnitude_max) == (3, 7.0, 0.8, np.inf, 12.0)
     for bad in ("rand-x3", "augmix-m3", "rand-m"):
         with pytest.raises(ValueError):
-            A.parse_rand_augment(bad)
+            RA.parse_rand_augment(bad)
     with pytest.raises(ValueError, match="auto_augment"):
         A.policy("v0")
 
@@ -209,7 +213,7 @@ def test_op_argument_matches_timm_level_to_arg(name, monkeypatch):
             want = level_fn(m, hparams)[0] if level_fn is not None else 0.0
             if name.endswith("Rel"):
                 want *= 96 if "X" in name else 80  # timm multiplies by the image side in the op
-            got = float(A.op_argument(name, m, negate, 80, 96))
+            got = float(RA.op_argument(name, m, negate, 80, 96))
             assert got == pytest.approx(want, abs=1e-4), (name, m, negate)
 
 
@@ -218,12 +222,12 @@ def test_op_argument_matches_timm_level_to_arg(name, monkeypatch):
 def test_rand_augment_matches_timm_ops_with_same_draws(config, fill):
     """Our policy vs timm's ops applied in PIL with the draws our sampler made; timm gets the
     same fill colour (its `img_mean`) as ours."""
-    ra = A.parse_rand_augment(config, fill)
+    ra = RA.parse_rand_augment(config, fill)
     a = PHOTOS["astronaut224"]
     h, w = a.shape[:2]
     hp = dict(translate_const=int(0.45 * 224), img_mean=fill)
     assert all(op.kwargs["fillcolor"] == fill for op in taa.rand_augment_transform(config, hp).ops)
-    run = jax.jit(lambda k, x: (A.sample_rand_augment(ra, k), A.rand_augment(ra, k, x)))
+    run = jax.jit(lambda k, x: (RA.sample_rand_augment(ra, k), RA.rand_augment(ra, k, x)))
     names_seen = set()
     for seed in range(24):
         params, out = run(jax.random.key(seed), jnp.asarray(a))
@@ -234,7 +238,7 @@ def test_rand_augment_matches_timm_ops_with_same_draws(config, fill):
             name = ra.ops[int(params["op"][layer])]
             names_seen.add(name)
             geometric |= name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-            arg = float(A.op_argument(name, params["magnitude"][layer], params["negate"][layer], h, w))
+            arg = float(RA.op_argument(name, params["magnitude"][layer], params["negate"][layer], h, w))
             if name.endswith("Rel"):  # timm's op takes the fraction
                 arg /= w if "X" in name else h
             args = () if name in ("AutoContrast", "Equalize", "Invert") else (arg,)
@@ -286,8 +290,9 @@ def test_color_jitter_matches_torchvision_with_same_draws():
 # ----------------------------------------------------------------------------- batch transforms
 
 DEIT = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25, mixup=0.8, cutmix=1.0,
-                     label_smoothing=0.1, augment_repeats=3)
-DEIT3 = AugmentConfig(auto_augment="3a", color_jitter=0.3, mixup=0.8, cutmix=1.0, criterion="bce",
+                     augment_repeats=3)
+DEIT_LOSS = LossConfig(label_smoothing=0.1)
+DEIT3 = AugmentConfig(auto_augment="3a", color_jitter=0.3, mixup=0.8, cutmix=1.0,
                       augment_repeats=3, random_crop="src")
 
 
@@ -299,13 +304,14 @@ def batch(n: int = 8, size: int = 32) -> np.ndarray:
 
 def test_tiny_digits_transform_is_flip_free_normalisation():
     flat = json.loads((ROOT / "recipes" / "tiny-digits.json").read_text())
-    cfg = from_flat(flat).augment
+    full = from_flat(flat)
+    cfg = full.augment
     assert cfg.auto_augment is None and cfg.hflip == 0 and cfg.mixup == cfg.cutmix == 0
     x = jnp.asarray(batch(4, 32))
     out = jax.jit(lambda k, im: A.train_transform(cfg, k, im))(jax.random.key(0), x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(normalize(x)), atol=1e-6)
-    t = A.one_hot_targets(cfg, jnp.array([1, 2, 3, 4]), 10)
-    assert A.mixup_cutmix(cfg, jax.random.key(0), out, t)[1] is t
+    t = M.one_hot_targets(full.loss, jnp.array([1, 2, 3, 4]), 10)
+    assert M.mixup_cutmix(cfg, jax.random.key(0), out, t)[1] is t
     np.testing.assert_allclose(np.asarray(t.sum(1)), 1.0, rtol=1e-6)
     assert float(t[0, 1]) == pytest.approx(0.9 + 0.01)
     np.testing.assert_array_equal(np.asarray(A.eval_transform(x)), np.asarray(normalize(x)))
@@ -330,7 +336,7 @@ def test_train_transform_compiles_once_and_is_per_image(cfg):
         traces.append(1)
         k1, k2 = jax.random.split(key)
         x = A.train_transform(cfg, k1, images)
-        return A.mixup_cutmix(cfg, k2, x, A.one_hot_targets(cfg, labels, 10))
+        return M.mixup_cutmix(cfg, k2, x, M.one_hot_targets(cfg, labels, 10))
 
     x, labels = jnp.asarray(batch(8)), jnp.arange(8) % 10
     outs = [step(jax.random.key(s), x, labels) for s in range(3)]
@@ -350,14 +356,14 @@ def test_train_transform_compiles_once_and_is_per_image(cfg):
 
 
 def test_mixup_cutmix_targets_follow_images():
-    cfg = AugmentConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.0)
+    cfg = AugmentConfig(mixup=0.8, cutmix=1.0)
     # image i is the constant i: mixup gives lam*i + (1-lam)*(b-1-i), cutmix a box of b-1-i.
     b = 6
     x = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None], (b, 16, 16, 3))
-    t = A.one_hot_targets(cfg, jnp.arange(b), b)
+    t = M.one_hot_targets(LossConfig(label_smoothing=0.0), jnp.arange(b), b)
     kinds = set()
     for seed in range(20):
-        mixed, mt = A.mixup_cutmix(cfg, jax.random.key(seed), x, t)
+        mixed, mt = M.mixup_cutmix(cfg, jax.random.key(seed), x, t)
         mixed, mt = np.asarray(mixed), np.asarray(mt)
         lam = mt[0, 0]
         np.testing.assert_allclose(mt.sum(1), 1.0, rtol=1e-6)
@@ -373,10 +379,10 @@ def test_mixup_cutmix_targets_follow_images():
 
 
 def test_bce_targets_have_no_smoothing():
-    cfg = AugmentConfig(mixup=0.8, cutmix=1.0, criterion="bce", label_smoothing=0.1)
-    t = A.one_hot_targets(cfg, jnp.arange(4), 4)
+    cfg = AugmentConfig(mixup=0.8, cutmix=1.0)
+    t = M.one_hot_targets(LossConfig(criterion="bce", label_smoothing=0.1), jnp.arange(4), 4)
     np.testing.assert_array_equal(np.asarray(t), np.eye(4))  # no smoothing with bce
-    _, mt = A.mixup_cutmix(cfg, jax.random.key(0), jnp.zeros((4, 8, 8, 3)), t)
+    _, mt = M.mixup_cutmix(cfg, jax.random.key(0), jnp.zeros((4, 8, 8, 3)), t)
     mt = np.asarray(mt)
     np.testing.assert_allclose(mt.sum(1), 1.0, rtol=1e-6)
     # what the bce loss sees (targets > 0): each image's label and its partner's
@@ -400,7 +406,7 @@ def test_data_sharded_mesh_keeps_slices_local(axis_type):
     # Same per-image result as on one device: keys are split by global index.
     np.testing.assert_allclose(np.asarray(out), np.asarray(transform(jax.random.key(0), jnp.asarray(x))), atol=1e-5)
 
-    mix = jax.jit(lambda k, im, lb: A.mixup_cutmix(DEIT, k, im, A.one_hot_targets(DEIT, lb, 10)))
+    mix = jax.jit(lambda k, im, lb: M.mixup_cutmix(DEIT, k, im, M.one_hot_targets(DEIT_LOSS, lb, 10)))
     compiled_mix = mix.lower(jax.random.key(1), out, labels).compile()
     mixed, targets = compiled_mix(jax.random.key(1), out, labels)
     assert mixed.sharding.spec[0] == "data" and targets.sharding.spec[0] == "data"
@@ -420,12 +426,11 @@ def test_vmap_path_equals_map_path(monkeypatch):
     """GPU/TPU run chunks of images vmapped (every switch branch computed, then selected); the
     result is the same as the CPU path's lax.map of real branches."""
     x = jnp.asarray(batch(8, 24))
-    monkeypatch.setattr(A, "ACCELERATOR_CHUNK", 3)  # 8 images: chunks of 3 and a remainder
+    monkeypatch.setattr(perdevice, "ACCELERATOR_CHUNK", 3)  # 8 images: chunks of 3 and a remainder
     for cfg in (DEIT, DEIT3):
         outs = {}
         for mode in ("map", "vmap"):
-            monkeypatch.setattr(A, "PER_IMAGE", mode)
-            fn = lambda k, im: A.train_transform(cfg, k, im)  # noqa: E731  (fresh: traced anew)
+            fn = lambda k, im: A.train_transform(cfg, k, im, per_image=mode)  # noqa: E731  (fresh: traced anew)
             # real conditionals only on the map path
             assert ("cond[" in str(jax.make_jaxpr(fn)(jax.random.key(3), x))) == (mode == "map")
             outs[mode] = jax.jit(fn)(jax.random.key(3), x)

@@ -19,7 +19,10 @@ from timm.data.random_erasing import RandomErasing
 
 from deit import augment as A
 from deit import crop
-from deit.config import AugmentConfig
+from deit import erasing as E
+from deit import mixing as M
+from deit import randaugment as RA
+from deit.config import AugmentConfig, LossConfig
 
 N = 4000
 P_MIN = 1e-3  # a fixed-seed test: fails only on a real difference in distribution
@@ -92,8 +95,8 @@ def test_train_and_eval_crops_equal_torchvision():
 def _lams(cfg, n=N, size=16):
     """lam of n independent batches of two images (from the mixed target of image 0)."""
     x = jnp.stack([jnp.zeros((size, size, 3)), jnp.ones((size, size, 3))])
-    t = A.one_hot_targets(cfg, jnp.arange(2), 2)
-    run = jax.jit(jax.vmap(lambda k: A.mixup_cutmix(cfg, k, x, t)))
+    t = M.one_hot_targets(LossConfig(), jnp.arange(2), 2)
+    run = jax.jit(jax.vmap(lambda k: M.mixup_cutmix(cfg, k, x, t)))
     images, targets = run(jax.random.split(jax.random.key(0), n))
     return np.asarray(targets[:, 0, 0]), np.asarray(images[:, 0])
 
@@ -124,7 +127,7 @@ def test_mixup_cutmix_switch_is_fair():
 
 def test_erasing_area_and_probability_match_timm():
     h = w = 48
-    run = jax.jit(jax.vmap(lambda k: A.random_erasing(k, jnp.zeros((h, w, 3)), 1.0, "pixel")))
+    run = jax.jit(jax.vmap(lambda k: E.random_erasing(k, jnp.zeros((h, w, 3)), 1.0, "pixel")))
     out = np.asarray(run(jax.random.split(jax.random.key(0), N)))
     ours = (out != 0).all(-1).mean((1, 2))
     erasing = RandomErasing(1.0, mode="pixel", device="cpu")
@@ -137,7 +140,7 @@ def test_erasing_area_and_probability_match_timm():
     noise = out[ours > 0.2]
     noise = noise[noise != 0]
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02  # N(0, 1) per pixel and channel
-    p = jax.jit(jax.vmap(lambda k: A.random_erasing(k, jnp.zeros((h, w, 3)), 0.25, "pixel")))
+    p = jax.jit(jax.vmap(lambda k: E.random_erasing(k, jnp.zeros((h, w, 3)), 0.25, "pixel")))
     erased = np.asarray((p(jax.random.split(jax.random.key(1), N)) != 0).any((1, 2, 3)))
     assert abs(erased.mean() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / N)
 
@@ -146,8 +149,8 @@ def test_erasing_area_and_probability_match_timm():
 
 
 def test_rand_augment_draws():
-    ra = A.parse_rand_augment("rand-m9-mstd0.5-inc1")
-    p = jax.jit(jax.vmap(lambda k: A.sample_rand_augment(ra, k)))(jax.random.split(jax.random.key(0), N))
+    ra = RA.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    p = jax.jit(jax.vmap(lambda k: RA.sample_rand_augment(ra, k)))(jax.random.split(jax.random.key(0), N))
     ops = np.asarray(p["op"]).ravel()
     assert scipy.stats.chisquare(np.bincount(ops, minlength=15)).pvalue > P_MIN
     assert abs(np.asarray(p["apply"]).mean() - 0.5) < 0.02
@@ -179,7 +182,7 @@ def test_images_and_repeated_copies_are_augmented_independently():
     """A batch laid out as the loader does with augment_repeats=3 (copy c of sample j at
     c * n + j): every image, and every copy of a sample, gets its own flip and policy draws."""
     cfg = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", hflip=0.5)
-    ra = A.parse_rand_augment(cfg.auto_augment)
+    ra = RA.parse_rand_augment(cfg.auto_augment)
     a = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((24, 24)))
     c = np.asarray(Image.fromarray(skimage.data.chelsea()).resize((24, 24)))
     n, k, seeds = 32, 3, 8
@@ -197,7 +200,7 @@ def test_images_and_repeated_copies_are_augmented_independently():
     # of the same sample, and of neighbouring images, are independent.
     def first_ops(key):
         keys = jax.random.split(key, n * k)
-        pol = jax.vmap(lambda kk: A.sample_rand_augment(ra, jax.random.split(kk, 4)[1])["op"][0])(keys)
+        pol = jax.vmap(lambda kk: RA.sample_rand_augment(ra, jax.random.split(kk, 4)[1])["op"][0])(keys)
         return pol.reshape(k, n)
 
     ops = np.asarray(jax.jit(jax.vmap(first_ops))(jax.random.split(jax.random.key(1), 200)))  # [200, k, n]

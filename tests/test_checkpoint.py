@@ -96,3 +96,42 @@ def test_params_only_export_of_model_and_ema(tmp_path):
             np.testing.assert_array_equal(a, b)
     assert convert.main([str(tmp_path / "model.safetensors"), str(tmp_path / "x.safetensors"), "--ema"]) == 2
 
+
+
+def test_save_policy_names_the_checkpoints_due():
+    due = checkpoint.names_due
+    assert due(7, evaluated=False) == []
+    assert due(8, evaluated=False, interval=True) == ["last"]  # checkpoint_interval
+    assert due(12, evaluated=True) == ["last"]  # an eval without a better acc1
+    assert due(12, evaluated=True, improved=True) == ["last", "best"]
+    assert due(12, evaluated=True, interval=True, improved=True) == ["last", "best"]  # `last` once
+    assert due(12, evaluated=True, validation=False, improved=True) == ["last"]  # no validation: `last` only
+    assert due(16, evaluated=False, keep=True) == ["step-00000016"]  # keep_interval: never replaced
+    assert due(16, evaluated=False, keep=True, preempted=True) == ["last", "step-00000016"]
+    assert due(5, evaluated=False, preempted=True) == ["last"]
+    assert due(24, evaluated=True, interval=True, keep=True, improved=True, preempted=True) == \
+        ["last", "best", "step-00000024"]
+
+
+def test_before_commit_hook_runs_between_the_files_and_the_commit(tmp_path):
+    cfg = tiny_config()
+    state = make_state(cfg)
+    calls = []
+
+    def hook(name, step):
+        stage = next(tmp_path.glob(f"checkpoints/.tmp-{name}-*"))  # files written, not yet committed
+        calls.append((name, step, sorted(p.name for p in stage.iterdir())))
+
+    checkpoint.Writer(tmp_path, sync=True, before_commit=hook).save(["last", "best"], state, cfg.to_dict())
+    files = sorted([checkpoint.MODEL_FILE, checkpoint.STATE_FILE])
+    assert calls == [("last", 0, files), ("best", 0, files)]
+    assert len(checkpoint.candidates(tmp_path)) == 2
+
+    def crash(name, step):
+        raise OSError("disk gone")
+
+    writer = checkpoint.Writer(tmp_path / "b", before_commit=crash)  # in the background: raised at `wait`
+    writer.save(["last"], state, cfg.to_dict())
+    with pytest.raises(OSError, match="disk gone"):
+        writer.wait()
+    assert checkpoint.candidates(tmp_path / "b") == []  # nothing committed

@@ -8,15 +8,20 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from deit import data
 from deit.config import AugmentConfig, Config, DataConfig, ModelConfig
+from deit.data.decode import decode_image
+from deit.data.loader import resolve_shards, skip_state, train_batches, valid_batches
+from deit.data.order import epoch_stream
+from deit.data.prepare import (DIGITS_FORMAT, digit_image, encode_png, ensure_digits, prepare_digits,
+                               prepare_folder, write_shard)
+from deit.data.shards import count_samples, expand_shards, iter_shard, shard_records
 
 DIGITS = load_digits()
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[str, str]:
-    return data.prepare_digits(tmp_path_factory.mktemp("digits"))
+    return prepare_digits(tmp_path_factory.mktemp("digits"))
 
 
 def config(train: str, valid: str = "", **kw) -> Config:
@@ -37,7 +42,7 @@ def take(loader, n: int) -> list:
 
 
 def keys_of(urls, *args) -> list[tuple[int, int]]:
-    return [(r.shard, r.pos) for r in data.epoch_stream(urls, *args)]
+    return [(r.shard, r.pos) for r in epoch_stream(urls, *args)]
 
 
 def digest(img: np.ndarray) -> bytes:
@@ -45,60 +50,60 @@ def digest(img: np.ndarray) -> bytes:
 
 
 def test_prepare_digits(shards):
-    train, valid = (data.expand_shards(s) for s in shards)
-    assert sum(map(data.count_samples, train)) == 1437 and sum(map(data.count_samples, valid)) == 360
-    recs = list(data.shard_records(train, range(len(train)), 10))
+    train, valid = (expand_shards(s) for s in shards)
+    assert sum(map(count_samples, train)) == 1437 and sum(map(count_samples, valid)) == 360
+    recs = list(shard_records(train, range(len(train)), 10))
     assert [r.label for r in recs] == DIGITS.target[:1437].tolist()
     first = np.asarray(Image.open(io.BytesIO(recs[0].image)))
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8
-    np.testing.assert_array_equal(first, data.digit_image(DIGITS.images[0]))
+    np.testing.assert_array_equal(first, digit_image(DIGITS.images[0]))
     gray = np.round(DIGITS.images[0] * 255 / 16).astype(np.uint8)
     expected = np.asarray(Image.fromarray(gray).resize((32, 32), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(first, np.repeat(expected[:, :, None], 3, axis=2))
-    vrecs = list(data.shard_records(valid, range(len(valid)), 10))
+    vrecs = list(shard_records(valid, range(len(valid)), 10))
     assert [r.label for r in vrecs] == DIGITS.target[1437:].tolist()
 
 
 def test_expand_shards(shards, tmp_path):
-    train = data.expand_shards(shards[0])
+    train = expand_shards(shards[0])
     assert len(train) == 6 and train[0].endswith("digits-train-0000.tar")
-    assert data.expand_shards(train[0].replace("0000", "*")) == train
-    assert data.expand_shards("gs://b/x-{00..02}.tar") == ["gs://b/x-00.tar", "gs://b/x-01.tar", "gs://b/x-02.tar"]
-    assert data.expand_shards("pipe:curl -s https://h/a-{0..1}.tar") == [
+    assert expand_shards(train[0].replace("0000", "*")) == train
+    assert expand_shards("gs://b/x-{00..02}.tar") == ["gs://b/x-00.tar", "gs://b/x-01.tar", "gs://b/x-02.tar"]
+    assert expand_shards("pipe:curl -s https://h/a-{0..1}.tar") == [
         "pipe:curl -s https://h/a-0.tar", "pipe:curl -s https://h/a-1.tar"]
     with pytest.raises(ValueError, match="nothing-here"):
-        data.expand_shards(str(tmp_path / "nothing-here-{0..3}.tar"))
+        expand_shards(str(tmp_path / "nothing-here-{0..3}.tar"))
     with pytest.raises(ValueError, match="digits:test"):
-        data.expand_shards("digits:test")
+        resolve_shards("digits:test")
 
 
 def test_digits_spec_prepares_cache_once(monkeypatch, tmp_path):
     monkeypatch.setenv("DEIT_CACHE", str(tmp_path))
-    threads = [threading.Thread(target=data.ensure_digits) for _ in range(2)]  # racing preparers
+    threads = [threading.Thread(target=ensure_digits) for _ in range(2)]  # racing preparers
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    urls = data.expand_shards("digits:valid")
+    urls = resolve_shards("digits:valid")
     assert [u.rsplit("/", 1)[1] for u in urls] == ["digits-valid-0000.tar", "digits-valid-0001.tar"]
     assert all(u.startswith(str(tmp_path / "digits")) for u in urls)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"digits-v{data.DIGITS_FORMAT}"]  # no temp folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"digits-v{DIGITS_FORMAT}"]  # no temp folders left
 
 
 def test_train_batches_shapes_and_determinism(shards):
     cfg = config(shards[0], random_crop="rrc")
-    a, b = take(data.train_batches(cfg), 3), take(data.train_batches(cfg), 3)
+    a, b = take(train_batches(cfg), 3), take(train_batches(cfg), 3)
     for (x, y), (x2, y2) in zip(a, b):
         assert x.shape == (32, 32, 32, 3) and x.dtype == np.uint8 and y.shape == (32,) and y.dtype == np.int32
         assert y.min() >= 0 and y.max() < 10
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)
-    other = take(data.train_batches(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shuffle_seed=2))), 1)
+    other = take(train_batches(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shuffle_seed=2))), 1)
     assert not np.array_equal(a[0][0], other[0][0])
 
 
 def test_epoch_order_depends_on_epoch(shards):
-    urls = data.expand_shards(shards[0])
+    urls = expand_shards(shards[0])
     e0, e1 = keys_of(urls, 1, 0, 500, 10, 0, 1), keys_of(urls, 1, 1, 500, 10, 0, 1)
     assert e0 != e1 and sorted(e0) == sorted(e1) and len(set(e0)) == 1437
     assert keys_of(urls, 1, 0, 500, 10, 0, 1) == e0
@@ -107,7 +112,7 @@ def test_epoch_order_depends_on_epoch(shards):
 @pytest.mark.parametrize("mode", ["none", "rrc"])
 def test_repeats(shards, mode):
     cfg = config(shards[0], random_crop=mode, augment_repeats=4)
-    (x, y), = take(data.train_batches(cfg), 1)
+    (x, y), = take(train_batches(cfg), 1)
     # k divides the batch: deit3-jax's b[i::k] order puts copy c of sample j at c * 8 + j
     x, y = x.reshape(4, 8, 32, 32, 3), y.reshape(4, 8)
     assert (y == y[0]).all()
@@ -115,54 +120,54 @@ def test_repeats(shards, mode):
     assert all(same) if mode == "none" else not any(same)
     assert len({digest(x[0, j]) for j in range(8)}) == 8  # 8 distinct samples
     # 3 does not divide 32: copies straddle batches (tests/test_repeats.py checks the layout)
-    (x, y), = take(data.train_batches(config(shards[0], random_crop=mode, augment_repeats=3)), 1)
+    (x, y), = take(train_batches(config(shards[0], random_crop=mode, augment_repeats=3)), 1)
     assert x.shape == (32, 32, 32, 3) and y.shape == (32,)
 
 
 @pytest.mark.parametrize("n_shards", [6, 1])
 def test_processes_read_disjoint_samples(shards, n_shards):
-    urls = data.expand_shards(shards[0])[:n_shards]  # 1 shard < 2 processes: split by sample
+    urls = expand_shards(shards[0])[:n_shards]  # 1 shard < 2 processes: split by sample
     p0, p1 = keys_of(urls, 1, 0, 100, 10, 0, 2), keys_of(urls, 1, 0, 100, 10, 1, 2)
     assert not set(p0) & set(p1)
     assert len(set(p0) | set(p1)) == len(p0) + len(p1) == (256 if n_shards == 1 else 1437)
-    x, y = take(data.train_batches(config(shards[0]), process_index=1, process_count=2), 1)[0]
+    x, y = take(train_batches(config(shards[0]), process_index=1, process_count=2), 1)[0]
     assert x.shape == (16, 32, 32, 3) and y.shape == (16,)
 
 
 @pytest.mark.parametrize("spec,count", [(None, 1), (None, 2), ("one", 2), (None, 3)])
 def test_valid_batches_each_sample_once(shards, spec, count):
-    valid = shards[1] if spec is None else data.expand_shards(shards[1])[0]
+    valid = shards[1] if spec is None else expand_shards(shards[1])[0]
     cfg = config(valid, test_crop_ratio=1.0)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, valid_batch_size=48 * count))
     seen, n_batches = collections.Counter(), set()
     for p in range(count):
-        batches = list(data.valid_batches(cfg, process_index=p, process_count=count))
+        batches = list(valid_batches(cfg, process_index=p, process_count=count))
         n_batches.add(len(batches))
         for x, y, m in batches:
             assert x.shape == (48, 32, 32, 3) and y.dtype == np.int32 and m.dtype == bool
             seen.update((digest(img), int(label)) for img, label in zip(x[m], y[m]))
     expected = range(1437, 1797) if spec is None else range(1437, 1437 + 256)
     assert len(n_batches) == 1
-    assert seen == collections.Counter((digest(data.digit_image(DIGITS.images[i])), int(DIGITS.target[i]))
+    assert seen == collections.Counter((digest(digit_image(DIGITS.images[i])), int(DIGITS.target[i]))
                                        for i in expected)
 
 
 def write_samples(path, samples) -> str:
-    data.write_shard(path, samples)
+    write_shard(path, samples)
     return str(path)
 
 
 def png_sample(i: int, label: bytes | None) -> dict[str, bytes]:
-    files = {"png": data.encode_png(data.digit_image(DIGITS.images[i]))}
+    files = {"png": encode_png(digit_image(DIGITS.images[i]))}
     return files if label is None else {**files, "cls": label}
 
 
 def test_bad_label_names_shard_and_key(tmp_path):
     url = write_samples(tmp_path / "bad.tar", [("k0", png_sample(0, b"3")), ("k-bad", png_sample(1, b"10"))])
     with pytest.raises(ValueError, match=r"'k-bad'.*bad\.tar"):
-        next(data.train_batches(config(url)))
+        next(train_batches(config(url)))
     with pytest.raises(ValueError, match=r"'k-bad'.*bad\.tar"):
-        list(data.valid_batches(config(url)))
+        list(valid_batches(config(url)))
 
 
 def test_corrupt_samples_skipped_and_counted(tmp_path):
@@ -170,11 +175,11 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
     samples[1] = ("junk", {"png": b"not an image", "cls": b"1"})
     samples[4] = ("nolabel", png_sample(4, None))
     url = write_samples(tmp_path / "c.tar", samples)
-    loader = data.valid_batches(config(url))
+    loader = valid_batches(config(url))
     (x, y, m), = list(loader)
     assert m.sum() == 4 and loader.skipped == 2
     assert y[m].tolist() == [int(DIGITS.target[i]) for i in (0, 2, 3, 5)]
-    train = data.train_batches(dataclasses.replace(config(url), data=dataclasses.replace(
+    train = train_batches(dataclasses.replace(config(url), data=dataclasses.replace(
         config(url).data, train_batch_size=8)))
     take(train, 2)
     assert train.skipped >= 2 and train.state["skipped"] == train.skipped
@@ -183,24 +188,24 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
 def test_resume_is_exact(shards):
     cfg = config(shards[0], random_crop="rrc", augment_repeats=2)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_batch_size=512, shuffle_buffer=300))
-    loader = data.train_batches(cfg)
+    loader = train_batches(cfg)
     full, states = [], []
     for _ in range(7):  # 1437 / 256 distinct per batch: crosses the epoch boundary
         full.append(next(loader))
         states.append(dict(loader.state))
     loader.close()
     assert states[4]["epoch"] == 0 and states[5]["epoch"] == 1
-    for resumed in (data.train_batches(cfg, state=states[3]), data.train_batches(cfg, start_step=4)):
+    for resumed in (train_batches(cfg, state=states[3]), train_batches(cfg, start_step=4)):
         for (x, y), (x2, y2) in zip(full[4:], take(resumed, 3), strict=True):
             np.testing.assert_array_equal(x, x2)
             np.testing.assert_array_equal(y, y2)
-    assert data.skip_state(data.expand_shards(shards[0]), cfg, 0, 1, 4) == states[3]
+    assert skip_state(expand_shards(shards[0]), cfg, 0, 1, 4) == states[3]
 
 
 def test_workers_give_the_same_batches(shards):
     cfg = config(shards[0], random_crop="rrc")
     workers = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_loader_workers=2))
-    for (x, y), (x2, y2) in zip(take(data.train_batches(cfg), 2), take(data.train_batches(workers), 2)):
+    for (x, y), (x2, y2) in zip(take(train_batches(cfg), 2), take(train_batches(workers), 2)):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)
 
@@ -214,32 +219,32 @@ def test_prepare_folder(tmp_path):
     for i in range(10):
         cls = ["cat", "dog", "emu"][int(DIGITS.target[i]) % 3]
         (src / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(data.digit_image(DIGITS.images[i])).save(src / cls / f"img.{i}.{'png' if i % 2 else 'JPEG'}")
+        Image.fromarray(digit_image(DIGITS.images[i])).save(src / cls / f"img.{i}.{'png' if i % 2 else 'JPEG'}")
     (src / "cat" / "notes.txt").write_text("not an image")
     prepare.main(["folder", str(src), str(tmp_path / "out"), "--shard-size", "4", "--no-progress"])
     classes = json.loads((tmp_path / "out" / "train-classes.json").read_text())
     assert classes == {"cat": 0, "dog": 1, "emu": 2}
-    urls = data.expand_shards(str(tmp_path / "out" / "train-{0000..0002}.tar"))
-    samples = [s for u in urls for s in data.iter_shard(u)]
-    assert len(samples) == 10 and sum(map(data.count_samples, urls)) == 10
+    urls = expand_shards(str(tmp_path / "out" / "train-{0000..0002}.tar"))
+    samples = [s for u in urls for s in iter_shard(u)]
+    assert len(samples) == 10 and sum(map(count_samples, urls)) == 10
     for s in samples:
         meta = json.loads(s["json"])
         assert int(s["cls"]) == meta["label"] == classes[meta["path"].split("/")[0]]
         assert s.get("jpg", s.get("png")) == (src / meta["path"]).read_bytes()
-    x, y, m = next(iter(data.valid_batches(config(urls[0]))))
+    x, y, m = next(iter(valid_batches(config(urls[0]))))
     assert m.sum() == 4
     (tmp_path / "val" / "cat").mkdir(parents=True)
-    Image.fromarray(data.digit_image(DIGITS.images[0])).save(tmp_path / "val" / "cat" / "a.png")
-    spec, _ = data.prepare_folder(tmp_path / "val", tmp_path / "out", classes=tmp_path / "out" / "train-classes.json",
+    Image.fromarray(digit_image(DIGITS.images[0])).save(tmp_path / "val" / "cat" / "a.png")
+    spec, _ = prepare_folder(tmp_path / "val", tmp_path / "out", classes=tmp_path / "out" / "train-classes.json",
                                   progress=False)
-    assert [int(s["cls"]) for s in data.iter_shard(data.expand_shards(spec)[0])] == [0]
+    assert [int(s["cls"]) for s in iter_shard(expand_shards(spec)[0])] == [0]
     (tmp_path / "val" / "yak").mkdir()
     with pytest.raises(ValueError, match="'yak'"):
-        data.prepare_folder(tmp_path / "val", tmp_path / "out", classes=tmp_path / "out" / "train-classes.json")
+        prepare_folder(tmp_path / "val", tmp_path / "out", classes=tmp_path / "out" / "train-classes.json")
 
 
 def test_benchmark_loader(shards, tmp_path):
-    from deit import loader_bench
+    from benchmarks import loader_bench
 
     result = loader_bench.benchmark_loader(shards[0], image_size=32, batch_size=32, batches=3, warmup=1)
     assert result["batches"] == 3 and result["images_per_s"] > 0 and result["skipped"] == 0
@@ -259,17 +264,17 @@ def test_start_step_counts_unlabelled_samples(tmp_path, process_index, process_c
     cfg = config(str(tmp_path / "u-{0..1}.tar"), random_crop="rrc")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_batch_size=6, shuffle_buffer=4))
     proc = dict(process_index=process_index, process_count=process_count)
-    loader = data.train_batches(cfg, **proc)
+    loader = train_batches(cfg, **proc)
     full, states = [], []
     for _ in range(7):
         full.append(next(loader))
         states.append(dict(loader.state))
     loader.close()
     assert states[-1]["epoch"] >= 2 and states[-1]["skipped"] >= 2
-    urls = data.expand_shards(cfg.data.train_dataset_shards)
+    urls = expand_shards(cfg.data.train_dataset_shards)
     for step in range(1, 7):
-        assert data.skip_state(urls, cfg, process_index, process_count, step) == states[step - 1]
-    for (x, y), (x2, y2) in zip(full[5:], take(data.train_batches(cfg, start_step=5, **proc), 2), strict=True):
+        assert skip_state(urls, cfg, process_index, process_count, step) == states[step - 1]
+    for (x, y), (x2, y2) in zip(full[5:], take(train_batches(cfg, start_step=5, **proc), 2), strict=True):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)
 
@@ -277,7 +282,7 @@ def test_start_step_counts_unlabelled_samples(tmp_path, process_index, process_c
 def test_all_corrupt_training_data_raises(tmp_path):
     url = write_samples(tmp_path / "junk.tar", [(f"j{i}", {"png": b"junk", "cls": b"1"}) for i in range(3)])
     with pytest.raises(ValueError, match="no decodable training samples"):
-        next(data.train_batches(config(url)))
+        next(train_batches(config(url)))
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -303,13 +308,13 @@ def test_decode_image_equals_pillow_for_every_jpeg_kind():
     for name, b in cases.items():
         with Image.open(io.BytesIO(b)) as ref:
             expected = np.asarray(ref.convert("RGB"))
-        ours = data.decode_image(b)
+        ours = decode_image(b)
         assert ours.dtype == np.uint8 and ours.shape == (251, 333, 3), name
         np.testing.assert_array_equal(ours, expected, err_msg=name)
     # the fast path really is taken for plain JPEGs (and Pillow's pixels agree with it)
-    np.testing.assert_array_equal(simplejpeg.decode_jpeg(ycc, "RGB"), data.decode_image(ycc))
-    assert data.decode_image(ycc[: len(ycc) // 2]) is None and data.decode_image(b"not an image") is None
-    assert data.decode_image(None) is None
+    np.testing.assert_array_equal(simplejpeg.decode_jpeg(ycc, "RGB"), decode_image(ycc))
+    assert decode_image(ycc[: len(ycc) // 2]) is None and decode_image(b"not an image") is None
+    assert decode_image(None) is None
 
 
 @pytest.mark.parametrize("order", ["horizontal first", "vertical first"])

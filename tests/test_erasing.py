@@ -17,6 +17,7 @@ import torchvision.transforms.v2.functional as F2
 from PIL import Image
 
 from deit import augment as A
+from deit import erasing as E
 from deit.config import AugmentConfig
 from deit.model import IMAGENET_MEAN, IMAGENET_STD, normalize
 
@@ -63,8 +64,8 @@ def test_uint8_cast_equals_torch_assignment():
     z = np.concatenate([edges, rng.standard_normal(100_000), 300 * rng.standard_normal(100_000)]).astype(np.float32)
     t = torch.zeros(z.size, dtype=torch.uint8)
     t[:] = torch.from_numpy(z)
-    np.testing.assert_array_equal(np.asarray(A.torch_uint8_cast(z)), t.numpy().astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(A.torch_uint8_cast(jnp.asarray(edges[:8]))),
+    np.testing.assert_array_equal(np.asarray(E.torch_uint8_cast(z)), t.numpy().astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(E.torch_uint8_cast(jnp.asarray(edges[:8]))),
                                   [0, 0, 0, 0, 1, 255, 1, 255])
 
 
@@ -77,7 +78,7 @@ def test_erase_equals_torchvision_kernel_on_pil():
         ref = np.asarray(F2.erase(Image.fromarray(a), i, j, h, w, torch.from_numpy(z)))
         values = np.zeros((H, W, 3), np.float32)
         values[i:i + h, j:j + w] = z.transpose(1, 2, 0)
-        ours = np.asarray(A.erase(a, (i, j, h, w), A.torch_uint8_cast(values)))
+        ours = np.asarray(E.erase(a, (i, j, h, w), E.torch_uint8_cast(values)))
         np.testing.assert_array_equal(ours, ref.astype(np.float32))
 
 
@@ -87,7 +88,7 @@ def test_erase_equals_torchvision_kernel_on_pil():
 @pytest.fixture(scope="module")
 def erased():
     img = np.full((H, W, 3), BG, np.uint8)
-    run = jax.jit(jax.vmap(lambda k: A.random_erasing(k, img, 1.0, "torchvision")))
+    run = jax.jit(jax.vmap(lambda k: E.random_erasing(k, img, 1.0, "torchvision")))
     ours = np.asarray(run(jax.random.split(jax.random.key(0), N)))
     torch.manual_seed(0)
     tv, pil = T2.RandomErasing(p=1.0, value="random"), Image.fromarray(img)
@@ -129,7 +130,7 @@ def test_torchvision_mode_values_match_torchvision(erased):
 @pytest.mark.parametrize("mode", ["torchvision", "pixel"])
 def test_probability_is_respected(mode):
     img = np.full((24, 24, 3), BG, np.uint8)
-    run = jax.jit(jax.vmap(lambda k: A.random_erasing(k, img, 0.25, mode)))
+    run = jax.jit(jax.vmap(lambda k: E.random_erasing(k, img, 0.25, mode)))
     share = (np.asarray(run(jax.random.split(jax.random.key(2), N))) != BG).any((1, 2, 3)).mean()
     tol = 4 * math.sqrt(0.25 * 0.75 / N)
     assert abs(share - 0.25) < tol, share
@@ -138,7 +139,7 @@ def test_probability_is_respected(mode):
         tv, pil = T2.RandomErasing(p=0.25, value="random"), Image.fromarray(img)
         theirs = np.mean([(np.asarray(tv(pil)) != BG).any() for _ in range(N)])
         assert abs(theirs - 0.25) < tol, theirs
-    never = jax.jit(jax.vmap(lambda k: A.random_erasing(k, img, 0.0, mode)))(jax.random.split(jax.random.key(3), 64))
+    never = jax.jit(jax.vmap(lambda k: E.random_erasing(k, img, 0.0, mode)))(jax.random.split(jax.random.key(3), 64))
     assert (np.asarray(never) == BG).all()
 
 

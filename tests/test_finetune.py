@@ -10,7 +10,6 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import msgpack
 import numpy as np
 import pytest
 
@@ -18,7 +17,8 @@ import deit
 from deit import optim, recipes, sharding
 from deit.config import Config, ModelConfig, from_flat
 from deit.finetune import adapt_pretrained, load_label_mapping, load_pretrained, resize_pos_embed
-from deit.interop import deit3_jax_shapes
+from deit.deit3_jax_weights import deit3_jax_shapes
+from deit3_jax_tree import flax_msgpack_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig(layers=2, dim=32, heads=2, labels=20, patch_size=4, image_size=16, layerscale=True)
@@ -150,8 +150,7 @@ def deit3_jax_msgpack(cfg: ModelConfig, path: Path) -> None:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = rng.normal(0, 0.1, shape).astype(np.float32)
-    ext = lambda x: msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes()), use_bin_type=True))
-    path.write_bytes(msgpack.packb(tree, default=ext, use_bin_type=True))
+    path.write_bytes(flax_msgpack_bytes(tree))
 
 
 def test_load_pretrained_from_deit3_jax_with_mapping(tmp_path):
@@ -174,7 +173,7 @@ def test_load_pretrained_from_deit3_jax_with_mapping(tmp_path):
 
 
 def test_create_state_starts_from_the_checkpoint(tmp_path):
-    from deit.trainer import create_state
+    from deit.steps import create_state
 
     pre = random_model(dataclasses.replace(SMALL, labels=20, layerscale=False), seed=4)
     ckpt = deit.save_model(pre, tmp_path / "pre.safetensors")

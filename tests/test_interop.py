@@ -21,9 +21,11 @@ from skimage import data as skdata
 
 import deit
 from deit.config import ModelConfig
-from deit.interop import (from_deit3_jax, from_timm, infer_timm_config, load_model, read_flax_msgpack, save_model,
-                          to_timm)
+from deit.deit3_jax_weights import from_deit3_jax, read_flax_msgpack
+from deit.interop import load_model, save_model
+from deit.timm_weights import from_timm, infer_timm_config, to_timm
 from deit.model import IMAGENET_MEAN, IMAGENET_STD, init_model, preset
+from deit3_jax_tree import deit3_jax_params, flax_msgpack_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -194,45 +196,6 @@ def test_timm_errors_name_the_key():
 
 
 # ----------------------------------------------------------------------------- deit3-jax msgpack
-
-def flax_msgpack_bytes(tree) -> bytes:
-    """Mimics flax.serialization.msgpack_serialize: ndarrays as ExtType(1, packb((shape, dtype, bytes)))."""
-    def default(x):
-        if isinstance(x, np.ndarray):
-            return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
-        raise TypeError(type(x))
-    return msgpack.packb(tree, default=default, use_bin_type=True)
-
-
-def deit3_jax_params(rng, layers=2, dim=32, heads=4, patch=4, image=16, labels=10, layerscale=True,
-                     learnable=True, cls=True) -> dict:
-    def w(*shape, fan_in):
-        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    def b(*shape, scale=0.3):
-        return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-    def norm():
-        return {"scale": 1 + b(dim, scale=0.2), "bias": b(dim)}
-
-    hd, g = dim // heads, image // patch
-    embed = {"wte": {"kernel": w(patch, patch, 3, dim, fan_in=3 * patch * patch), "bias": b(dim)}}
-    if cls:
-        embed["cls_token"] = b(1, 1, dim)
-    if learnable:
-        embed["wpe"] = b(g, g, dim)
-    model = {"embed": embed, "norm": norm(), "head": {"kernel": w(dim, labels, fan_in=dim), "bias": b(labels)}}
-    for i in range(layers):
-        attn = {n: {"kernel": w(dim, heads, hd, fan_in=dim), "bias": b(heads, hd)} for n in ("wq", "wk", "wv")}
-        attn["wo"] = {"kernel": w(heads, hd, dim, fan_in=dim), "bias": b(dim)}
-        layer = {"attn": attn, "ff": {"w1": {"kernel": w(dim, 4 * dim, fan_in=dim), "bias": b(4 * dim)},
-                                      "w2": {"kernel": w(4 * dim, dim, fan_in=4 * dim), "bias": b(dim)}},
-                 "norm1": norm(), "norm2": norm()}
-        if layerscale:
-            layer |= {"scale1": b(dim, scale=0.5), "scale2": b(dim, scale=0.5)}
-        model[f"layer_{i}"] = layer
-    return {"model": model}
-
 
 def numpy_deit3_jax_forward(params: dict, images: np.ndarray, patch: int) -> np.ndarray:
     """deit3-jax's flax ViT re-derived in float64 numpy: conv kernel (P,P,3,D), DenseGeneral

@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import pytest
 
-from deit import memory, optim, recipes, sharding
+from deit import memory, optim, recipes, sharding, steps
 from deit.model import ViT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_arguments_are_the_sharded_state_and_batch(tiny, reports):
     counters) plus the batch split over the devices."""
     mesh = sharding.make_mesh(2, jax.devices()[:2])
     opt = optim.build(tiny, eqx.filter_eval_shape(ViT, tiny.model, key=jax.random.key(0)))
-    state, _, _ = memory.abstract_state(with_(tiny, 2), mesh, opt.tx)
+    state, _, _ = steps.abstract_state(with_(tiny, 2), mesh, opt.tx)
     shard_bytes = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
     s, b = tiny.model.image_size, tiny.data.train_batch_size // 2
     expected = sum(map(shard_bytes, jax.tree.leaves(state))) + b * s * s * 3 + b * 4

@@ -25,15 +25,16 @@ import json, sys
 import equinox as eqx, jax, numpy as np
 sys.path.insert(0, "src")
 import train as cli
-from deit import data, optim, sharding, trainer
+from deit import optim, sharding
+from deit.data.loader import train_batches
 from deit.model import ViT
-from deit.steps import make_train_step
+from deit.steps import create_state, make_train_step
 cfg = cli.parse(json.loads(sys.argv[1]))
 mesh = sharding.make_mesh(cfg.fsdp)
 opt = optim.build(cfg, eqx.filter_eval_shape(ViT, cfg.model, key=jax.random.key(0)))
-state, shardings = trainer.create_state(cfg, mesh, opt.tx)
+state, shardings = create_state(cfg, mesh, opt.tx)
 step = make_train_step(cfg, opt.tx, opt.schedule, shardings)
-loaders = [data.train_batches(cfg, process_index=p, process_count=2) for p in range(2)]
+loaders = [train_batches(cfg, process_index=p, process_count=2) for p in range(2)]
 losses = []
 for _ in range(int(sys.argv[2])):
     parts = [next(loader) for loader in loaders]
@@ -56,7 +57,7 @@ def free_port() -> int:
 
 def test_two_processes_equal_one_and_resume_with_another_count(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    subprocess.run([sys.executable, "-c", "from deit import data; data.ensure_digits()"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-c", "from deit.data.prepare import ensure_digits; ensure_digits()"], cwd=ROOT, check=True,
                    env=env(1, cache), capture_output=True)  # both processes find the digits cache ready
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "src/train.py", *ARGS, "--training-steps", str(STEPS),

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from deit import checkpoint, data
+from deit import checkpoint
+from deit.data.prepare import digit_image, encode_png, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -28,8 +29,9 @@ def env(tmp_path_factory):
 
 
 def run(env, *args, fault=None, timeout=600) -> subprocess.CompletedProcess:
-    e = {k: v for k, v in env.items() if k != checkpoint.FAULT_ENV} | ({checkpoint.FAULT_ENV: fault} if fault else {})
-    return subprocess.run([sys.executable, "src/train.py", *args], cwd=ROOT, env=e, capture_output=True,
+    """src/train.py ARGS; with `fault` (step:N, checkpoint:N) through tests/faults.py, which injects it."""
+    launcher = ["tests/faults.py", fault, "--"] if fault else []
+    return subprocess.run([sys.executable, *launcher, "src/train.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -90,7 +92,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_0(env, tmp_path):
 
 
 def test_second_signal_exits_at_once():
-    code = ("import os, signal, time\nfrom deit.trainer import Preemption\np = Preemption()\n"
+    code = ("import os, signal, time\nfrom deit.runtime import Preemption\np = Preemption()\n"
             "os.kill(os.getpid(), signal.SIGINT)\nassert p.requested\nprint('first handled', flush=True)\n"
             "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\nprint('not reached')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -186,12 +188,12 @@ def test_five_percent_corrupt_data_trains_and_reports(env, tmp_path):
     def sample(i):
         if i % 40 == 7:
             return f"{i:05d}", {"png": b"\x89PNG garbage", "cls": b"1"}
-        files = {"png": data.encode_png(data.digit_image(digits.images[i]))}
+        files = {"png": encode_png(digit_image(digits.images[i]))}
         return f"{i:05d}", files if i % 40 == 27 else {**files, "cls": str(int(digits.target[i])).encode()}
 
     for s, sl in enumerate([range(0, 400), range(400, 800)]):
-        data.write_shard(tmp_path / f"train-{s}.tar", map(sample, sl))
-    data.write_shard(tmp_path / "valid-0.tar", map(sample, range(1400, 1600)))
+        write_shard(tmp_path / f"train-{s}.tar", map(sample, sl))
+    write_shard(tmp_path / "valid-0.tar", map(sample, range(1400, 1600)))
     out = tmp_path / "run"
     r = run(env, *TINY, "--training-steps", "30", "--log-interval", "30", "--eval-interval", "30",
             "--train-dataset-shards", str(tmp_path / "train-{0..1}.tar"),

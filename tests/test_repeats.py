@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from deit import crop, data
+from deit import crop
 from deit.config import AugmentConfig, Config, DataConfig, ModelConfig, OptimConfig
+from deit.data.decode import crop_rng, decode_image
+from deit.data.loader import Loader, skip_state, slot_positions, spread_order, train_batches
+from deit.data.order import train_records
+from deit.data.prepare import digit_image, encode_png, write_shard
+from deit.data.shards import expand_shards, shard_records
 
 DIGITS = load_digits()
 K = 3
@@ -26,13 +31,13 @@ def spec(tmp_path_factory) -> str:
         samples = []
         for p in range(n):
             i = 8 * s + p
-            files = {"png": data.encode_png(data.digit_image(DIGITS.images[i])), "cls": b"%d" % DIGITS.target[i]}
+            files = {"png": encode_png(digit_image(DIGITS.images[i])), "cls": b"%d" % DIGITS.target[i]}
             if (s, p) == (0, 3):
                 del files["png"]  # no image: found by skip_state's flags too (a bad one is not)
             if (s, p) == (1, 5):
                 del files["cls"]
             samples.append((f"s{s}-{p}", files))
-        data.write_shard(root / f"r-{s}.tar", samples)
+        write_shard(root / f"r-{s}.tar", samples)
     return str(root / "r-{0..1}.tar")
 
 
@@ -46,7 +51,7 @@ def config(spec: str, batch: int, accum: int = 1, k: int = K) -> Config:
 
 def run(cfg: Config, n: int, **kw) -> tuple[list, list[dict]]:
     """n batches of a loader and its state after each."""
-    loader = data.train_batches(cfg, **kw)
+    loader = train_batches(cfg, **kw)
     batches, states = [], []
     for _ in range(n):
         batches.append(next(loader))
@@ -59,10 +64,10 @@ def deit3_jax_batches(cfg: Config, n: int, process_index: int = 0, process_count
     """n host batches of (epoch, shard, pos, copy, label) slots, built the way deit3-jax builds them."""
     k, accum = cfg.augment.augment_repeats, cfg.optim.grad_accum
     micro = cfg.data.train_batch_size // process_count // accum
-    urls = data.expand_shards(cfg.data.train_dataset_shards)
-    records = data.train_records(urls, cfg.data.shuffle_seed, cfg.data.shuffle_buffer, cfg.model.labels,
+    urls = expand_shards(cfg.data.train_dataset_shards)
+    records = train_records(urls, cfg.data.shuffle_seed, cfg.data.shuffle_buffer, cfg.model.labels,
                                  process_index, process_count)
-    good = ((e, r) for e, _, r in records if r.label is not None and data.decode_image(r.image) is not None)
+    good = ((e, r) for e, _, r in records if r.label is not None and decode_image(r.image) is not None)
     stream = ((e, r.shard, r.pos, c, r.label) for e, r in good for c in range(k))  # repeat_samples
     out = []
     for _ in range(n):
@@ -75,10 +80,10 @@ def deit3_jax_batches(cfg: Config, n: int, process_index: int = 0, process_count
 
 
 def expected_crop(cfg: Config, epoch: int, shard: int, pos: int, copy: int) -> np.ndarray:
-    urls = data.expand_shards(cfg.data.train_dataset_shards)
-    rec = next(r for r in data.shard_records(urls, [shard], cfg.model.labels) if r.pos == pos)
-    rng = data.crop_rng(cfg.data.shuffle_seed, epoch, shard, pos, copy)
-    return crop.train_crop(rng, data.decode_image(rec.image), cfg.model.image_size, cfg.augment.random_crop)
+    urls = expand_shards(cfg.data.train_dataset_shards)
+    rec = next(r for r in shard_records(urls, [shard], cfg.model.labels) if r.pos == pos)
+    rng = crop_rng(cfg.data.shuffle_seed, epoch, shard, pos, copy)
+    return crop.train_crop(rng, decode_image(rec.image), cfg.model.image_size, cfg.augment.random_crop)
 
 
 def assert_matches(cfg: Config, batches: list, ref: list[list[tuple]]) -> None:
@@ -92,9 +97,9 @@ def assert_matches(cfg: Config, batches: list, ref: list[list[tuple]]) -> None:
 def test_spread_order_is_deit3_jax_collate():
     for n, k in itertools.product((1, 2, 5, 10, 16, 64), (1, 2, 3, 4)):
         batch = list(range(n))
-        assert data.spread_order(n, k).tolist() == sum([batch[i::k] for i in range(k)], [])
+        assert spread_order(n, k).tolist() == sum([batch[i::k] for i in range(k)], [])
     # micro-batches are spread on their own: slot j of micro-batch u goes to u * 5 + position in [i::3]
-    assert data.slot_positions(10, 2, 3).tolist() == [0, 2, 4, 1, 3, 5, 7, 9, 6, 8]
+    assert slot_positions(10, 2, 3).tolist() == [0, 2, 4, 1, 3, 5, 7, 9, 6, 8]
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -125,9 +130,9 @@ def test_resume_mid_sample_is_exact(spec, batch, accum):
     full, states = run(cfg, n)
     assert any(s["copies"] for s in states) and any(not s["copies"] for s in states)
     assert states[-1]["epoch"] >= 1
-    urls = data.expand_shards(spec)
+    urls = expand_shards(spec)
     for step in range(1, n - 1):
-        assert data.skip_state(urls, cfg, 0, 1, step) == states[step - 1], step
+        assert skip_state(urls, cfg, 0, 1, step) == states[step - 1], step
         for kw in ({"state": states[step - 1]}, {"start_step": step}):
             resumed, after = run(cfg, 2, **kw)
             for (x, y), (x2, y2) in zip(full[step:step + 2], resumed, strict=True):
@@ -139,14 +144,14 @@ def test_resume_mid_sample_is_exact(spec, batch, accum):
 @pytest.mark.parametrize("process_count,batch", [(2, 16), (3, 30)])  # 3 > 2 shards: split by sample
 def test_processes_get_disjoint_data(spec, process_count, batch):
     cfg = config(spec, batch, accum=2)
-    urls = data.expand_shards(spec)
+    urls = expand_shards(spec)
     seen = []
     for p in range(process_count):
         n = 40 // (batch // process_count) + 1  # this process's whole first epoch (<= 39 slots)
         batches, states = run(cfg, n, process_index=p, process_count=process_count)
         ref = deit3_jax_batches(cfg, n, p, process_count)
         assert_matches(cfg, batches, ref)
-        assert data.skip_state(urls, cfg, p, process_count, n - 1) == states[n - 2]
+        assert skip_state(urls, cfg, p, process_count, n - 1) == states[n - 2]
         epoch0 = [s[:3] for b in ref for s in b if s[0] == 0]
         assert set(collections.Counter(epoch0).values()) == {K}  # every copy, none twice
         seen.append(set(epoch0))
@@ -158,30 +163,30 @@ def test_old_state_without_copies_loads(spec):
     full, states = run(cfg, 6)
     step = next(i for i, s in enumerate(states[:4]) if s["copies"] == 0 and s["offset"] > 0)
     old = {key: v for key, v in states[step].items() if key != "copies"}
-    loader = data.train_batches(cfg, state=old)
+    loader = train_batches(cfg, state=old)
     assert loader.state == {**old, "copies": 0}
     for (x, y), (x2, y2) in zip(full[step + 1:step + 3], [next(loader) for _ in range(2)], strict=True):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)
     loader.close()
     with pytest.raises(ValueError, match="copies must be in"):
-        data.train_batches(cfg, state={**old, "copies": K})
+        train_batches(cfg, state={**old, "copies": K})
     with pytest.raises(ValueError, match="expected keys"):
-        data.train_batches(cfg, state={"epoch": 0, "offset": 0})
+        train_batches(cfg, state={"epoch": 0, "offset": 0})
 
 
 def test_grad_accum_must_divide_the_process_batch(spec):
     with pytest.raises(ValueError, match="grad_accum=4: must divide the per-process batch 10"):
-        data.train_batches(config(spec, 10, accum=4))
+        train_batches(config(spec, 10, accum=4))
 
 
 def test_gather_loader_states_carries_copies(monkeypatch):
-    from deit import trainer
+    from deit import runtime
 
     state = {"epoch": 2, "offset": 5, "copies": 1, "skipped": 3}
-    loader = data.Loader(lambda pool: iter(()), workers=0, prefetch=1, state=state)
+    loader = Loader(lambda pool: iter(()), workers=0, prefetch=1, state=state)
     loader.close()
-    assert trainer.gather_loader_states(loader) == [state]
-    monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(trainer.multihost_utils, "process_allgather", lambda x: np.stack([x, x + 1]))
-    assert trainer.gather_loader_states(loader) == [state, {key: v + 1 for key, v in state.items()}]
+    assert runtime.gather_loader_states(loader) == [state]
+    monkeypatch.setattr(runtime.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(runtime.multihost_utils, "process_allgather", lambda x: np.stack([x, x + 1]))
+    assert runtime.gather_loader_states(loader) == [state, {key: v + 1 for key, v in state.items()}]

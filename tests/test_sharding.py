@@ -11,7 +11,7 @@ from deit import optim, sharding
 from deit.config import from_flat
 from deit.model import ViT
 from deit.steps import make_train_step
-from deit.trainer import create_state
+from deit.steps import create_state
 
 FLAGS = dict(layers=2, dim=64, heads=4, labels=10, patch_size=4, image_size=16, droppath=0.1, layerscale=True,
              train_batch_size=16, learning_rate=3e-4, warmup_steps=5, training_steps=20, random_crop="none",

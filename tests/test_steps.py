@@ -16,7 +16,7 @@ from deit import optim, sharding, steps
 from deit.config import OptimConfig, from_flat
 from deit.model import ViT, init_model
 from deit.steps import criterion_loss, distillation_loss, ema_update, eval_step, make_train_step, topk_correct
-from deit.trainer import create_state
+from deit.steps import create_state
 
 RNG = np.random.default_rng(0)
 FLAGS = dict(layers=2, dim=32, heads=4, labels=10, patch_size=4, image_size=16, train_batch_size=8,
@@ -156,3 +156,56 @@ def test_eval_loss_is_the_training_criterion_without_smoothing(criterion):
         ref = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)
     np.testing.assert_allclose(float(sums["loss"]), float(ref[:5].sum()), rtol=1e-5)
     assert float(sums["num_samples"]) == 5
+
+
+
+def linear_grad_fn():
+    """A linear model's mean squared error (and its outputs as logits) with its gradient, shaped
+    like the step's grad_fn: (model, key, *batch parts)."""
+    def loss_fn(model, key, x, t):
+        logits = jax.vmap(model)(x)
+        return ((logits - t) ** 2).mean(), logits
+
+    return eqx.filter_value_and_grad(loss_fn, has_aux=True)
+
+
+def test_accumulate_grads_averages_micro_batches():
+    model = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+    grad_fn, key = linear_grad_fn(), jax.random.key(1)
+    (ref_loss, ref_logits), ref = grad_fn(model, key, x, t)
+    (loss1, _), _ = steps.accumulate_grads(grad_fn, model, (x, t), key, 1)
+    assert float(loss1) == float(ref_loss)  # accum=1: one plain call
+    (loss4, logits4), g4 = steps.accumulate_grads(grad_fn, model, (x, t), key, 4)
+    # Equal micro-batches: the mean of their mean losses and gradients is the full batch's.
+    np.testing.assert_allclose(float(loss4), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits4), np.asarray(ref_logits), rtol=1e-5, atol=1e-6)  # batch order
+    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_accumulate_grads_keys_and_absent_parts():
+    """Micro-batch i draws split(key, accum)[i] (accum=1: the key itself); a None part stays None."""
+    def loss_fn(w, key, x, extra):
+        assert extra is None
+        return jax.random.normal(key, ()) + 0 * w.sum() + 0 * x.sum(), jnp.zeros((x.shape[0], 1))
+
+    grad_fn, key, w = eqx.filter_value_and_grad(loss_fn, has_aux=True), jax.random.key(3), jnp.ones(2)
+    x = jnp.zeros((6, 1))
+    (loss, _), _ = steps.accumulate_grads(grad_fn, w, (x, None), key, 3)
+    np.testing.assert_allclose(float(loss), float(jax.vmap(lambda k: jax.random.normal(k, ()))(
+        jax.random.split(key, 3)).mean()), rtol=1e-6)
+    (loss, _), _ = steps.accumulate_grads(grad_fn, w, (x, None), key, 1)
+    assert float(loss) == float(jax.random.normal(key, ()))
+
+
+def test_guard_non_finite_keeps_the_old_arrays_on_a_bad_step():
+    new = (jnp.array([1.0, 2.0]), "static-new", None)
+    old = (jnp.array([5.0, 6.0]), "static-old", None)
+    kept = steps.guard_non_finite(new, old, jnp.array(False))
+    taken = steps.guard_non_finite(new, old, jnp.array(True))
+    np.testing.assert_array_equal(np.asarray(kept[0]), [5.0, 6.0])
+    np.testing.assert_array_equal(np.asarray(taken[0]), [1.0, 2.0])
+    assert kept[1] == taken[1] == "static-new" and kept[2] is None  # non-array leaves come from `new`

@@ -106,3 +106,11 @@ def test_short_training_run_resume_and_evaluate(tmp_path):
     assert res["num_samples"] == 360 and res["skipped"] == 0
     last_val = [e for e in events if "val/acc1" in e][-1]
     assert np.isclose(res["acc1"], last_val["val/acc1"]) and np.isclose(res["acc5"], last_val["val/acc5"])
+
+
+def test_itstime_is_the_one_cadence_rule():
+    from deit.trainer import itstime
+
+    assert [s for s in range(1, 13) if itstime(s, 4)] == [4, 8, 12]
+    assert [s for s in range(1, 11) if itstime(s, 4, last=10)] == [4, 8, 10]  # and always at the last step
+    assert not any(itstime(s, 0) for s in range(1, 10))  # 0: never (checkpoint_interval, keep_interval)

@@ -15,7 +15,6 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import msgpack
 import numpy as np
 import pytest
 
@@ -23,6 +22,7 @@ import deit
 from deit import optim
 from deit.config import from_flat
 from deit.steps import init_state, make_train_step
+from deit3_jax_tree import deit3_jax_params, flax_msgpack_bytes
 
 LAYERS, DIM, HEADS, PATCH, IMAGE, LABELS, BATCH, STEPS = 2, 32, 4, 4, 16, 10, 8, 10
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -44,45 +44,11 @@ POOLING = {"lamb-clip-bce-layerscale-cls": "cls", "adamw-ce-smoothing-lrdecay-ga
 
 def deit3_tree(rng: np.random.Generator, pooling: str, layerscale: bool) -> dict:
     """A random deit3-jax parameter tree (float32), every leaf non-trivial. q, k and v kernels get
-    different scales, as trained ones have: one fused trust ratio for them would show."""
-    def w(*shape, fan_in, gain=1.0):
-        return (gain * rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    def b(*shape, scale=0.1):
-        return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-    def norm():
-        return {"scale": 1 + b(DIM, scale=0.2), "bias": b(DIM)}
-
-    hd, g = DIM // HEADS, IMAGE // PATCH
-    embed = {"wte": {"kernel": w(PATCH, PATCH, 3, DIM, fan_in=3 * PATCH * PATCH), "bias": b(DIM)},
-             "wpe": b(g, g, DIM, scale=0.3)}
-    if pooling == "cls":
-        embed["cls_token"] = b(1, 1, DIM, scale=0.3)
-    final_norm = norm()
-    head = {"kernel": w(DIM, LABELS, fan_in=DIM, gain=3.0), "bias": b(LABELS)}  # gain: grad norm > clip_grad
-    model = {"embed": embed, "norm": final_norm, "head": head}
-    for i in range(LAYERS):
-        attn = {n: {"kernel": w(DIM, HEADS, hd, fan_in=DIM, gain=gain), "bias": b(HEADS, hd)}
-                for n, gain in (("wq", 1.0), ("wk", 2.5), ("wv", 0.5))}
-        attn["wo"] = {"kernel": w(HEADS, hd, DIM, fan_in=DIM), "bias": b(DIM)}
-        layer = {"attn": attn, "ff": {"w1": {"kernel": w(DIM, 4 * DIM, fan_in=DIM), "bias": b(4 * DIM)},
-                                      "w2": {"kernel": w(4 * DIM, DIM, fan_in=4 * DIM), "bias": b(DIM)}},
-                 "norm1": norm(), "norm2": norm()}
-        if layerscale:
-            layer |= {"scale1": b(DIM, scale=0.5), "scale2": b(DIM, scale=0.5)}
-        model[f"layer_{i}"] = layer
-    return {"model": model}
-
-
-def flax_msgpack(tree: dict) -> bytes:
-    """flax.serialization.msgpack_serialize's format: ndarrays as ExtType(1, (shape, dtype, bytes))."""
-    def default(x):
-        if isinstance(x, np.ndarray):
-            return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
-        raise TypeError(type(x))
-
-    return msgpack.packb(tree, default=default, use_bin_type=True)
+    different scales, as trained ones have: one fused trust ratio for them would show; the head's
+    gain makes the grad norm exceed clip_grad."""
+    return deit3_jax_params(rng, layers=LAYERS, dim=DIM, heads=HEADS, patch=PATCH, image=IMAGE, labels=LABELS,
+                            layerscale=layerscale, cls=pooling == "cls", bias_scale=0.1, token_scale=0.3,
+                            qkv_gains=(1.0, 2.5, 0.5), head_gain=3.0)
 
 
 def flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -260,7 +226,7 @@ def trajectory_errors(case: str, tmp_path) -> tuple[float, dict[str, float], dic
     rng = np.random.default_rng(0)
     tree = deit3_tree(rng, POOLING[case], layerscale=c["optimizer"] == "lamb")
     path = tmp_path / "init.msgpack"
-    path.write_bytes(flax_msgpack(tree))
+    path.write_bytes(flax_msgpack_bytes(tree))
     images = rng.integers(0, 256, (BATCH, IMAGE, IMAGE, 3), dtype=np.uint8)
     labels = (np.arange(BATCH) * 3 % LABELS).astype(np.int32)
 

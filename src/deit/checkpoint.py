@@ -13,6 +13,9 @@ directory rename is a copy, which the sizes and hashes in meta.json make safe to
 
 Saving gathers the state to host memory synchronously (every process joins the gather; only
 process 0 writes); the files are then written by a background thread while training goes on.
+Which names a training step saves is the save policy, `names_due`; `resume` finds where a run
+left off. `Writer(before_commit=...)` is a hook between writing a checkpoint's files and
+committing it (the fault-injection tests kill the process there).
 """
 
 import hashlib
@@ -20,10 +23,11 @@ import json
 import os
 import re
 import shutil
-import signal
+import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +43,14 @@ from safetensors.numpy import save_file
 
 from deit.fileio import fs_path, join
 from deit.interop import save_model
+from deit.treepath import checkpoint_key
 
 STATE_FILE, MODEL_FILE, META_FILE = "train_state.safetensors", "model.safetensors", "meta.json"
 STEP_NAME = re.compile(r"step-(\d+)$")
-# Fault injection for the kill -9 tests: DEIT_FAULT=checkpoint:N kills this process in the
-# middle of writing the checkpoint of step N (state file written, meta not yet).
-FAULT_ENV = "DEIT_FAULT"
+
+
+def _nothing(name: str, step: int) -> None:
+    """The default `before_commit` hook."""
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, name: str) -> str:
@@ -58,7 +64,7 @@ def host_arrays(state: Any) -> dict[str, np.ndarray]:
     for p, x in jax.tree_util.tree_leaves_with_path(eqx.filter(state, eqx.is_array)):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = multihost_utils.process_allgather(x, tiled=True)
-        out[jax.tree_util.keystr(p)] = np.asarray(jax.device_get(x))
+        out[checkpoint_key(p)] = np.asarray(jax.device_get(x))
     return out
 
 
@@ -70,8 +76,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any, meta: dict[str, Any]) -> str:
-    """Write and commit one checkpoint (process 0 only)."""
+def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any, meta: dict[str, Any],
+           before_commit: Callable[[str, int], None] = _nothing) -> str:
+    """Write and commit one checkpoint (process 0 only); `before_commit(name, step)` runs once
+    its weights and state files are written, before meta.json commits them."""
     fs, root = fs_path(checkpoint_dir(output_dir, ""))
     final = root.rstrip("/") + "/" + name
     local = isinstance(fs, LocalFileSystem)
@@ -82,8 +90,7 @@ def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any
     try:
         save_model(model, stage / MODEL_FILE)
         save_file(arrays, str(stage / STATE_FILE))
-        if os.environ.get(FAULT_ENV) == f"checkpoint:{meta['step']}":
-            os.kill(os.getpid(), signal.SIGKILL)
+        before_commit(name, meta["step"])
         meta = {**meta, "files": {f: {"size": (stage / f).stat().st_size, "sha256": _sha256(stage / f)}
                                   for f in (MODEL_FILE, STATE_FILE)}}
         (stage / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -108,10 +115,12 @@ def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any
 
 class Writer:
     """Writes checkpoints one at a time in a background thread (or inline with `sync=True`).
-    An error in the background surfaces at the next `save` or `wait`."""
+    An error in the background surfaces at the next `save` or `wait`. `before_commit(name, step)`
+    is called for each checkpoint between writing its files and committing it (a no-op by default)."""
 
-    def __init__(self, output_dir: str | os.PathLike, sync: bool = False):
-        self.output_dir, self.sync = str(output_dir), sync
+    def __init__(self, output_dir: str | os.PathLike, sync: bool = False,
+                 before_commit: Callable[[str, int], None] = _nothing):
+        self.output_dir, self.sync, self.before_commit = str(output_dir), sync, before_commit
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -126,7 +135,7 @@ class Writer:
             raise ValueError(f"refusing to checkpoint non-finite values in {bad[0]}")
         # The model's weights from the gathered arrays (its leaves sit under `.model` in the state).
         leaves, treedef = jax.tree_util.tree_flatten_with_path(eqx.filter(state.model, eqx.is_array))
-        weights = [arrays[".model" + jax.tree_util.keystr(p)] for p, _ in leaves]
+        weights = [arrays[".model" + checkpoint_key(p)] for p, _ in leaves]
         model = eqx.combine(jax.tree_util.tree_unflatten(treedef, weights),
                             eqx.filter(state.model, eqx.is_array, inverse=True))
         meta = {"step": int(arrays[".step"]), "config": config, **(extra or {})}
@@ -134,7 +143,7 @@ class Writer:
         def work():
             try:
                 for name in names:
-                    _write(self.output_dir, name, arrays, model, meta)
+                    _write(self.output_dir, name, arrays, model, meta, self.before_commit)
             except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
                 self.error = e
 
@@ -162,6 +171,21 @@ def save(output_dir: str | os.PathLike, name: str, state: Any, config: dict[str,
     """Write checkpoint `name` synchronously."""
     Writer(output_dir, sync=True).save([name], state, config, extra)
     return checkpoint_dir(output_dir, name)
+
+
+def names_due(step: int, *, evaluated: bool, interval: bool = False, keep: bool = False, validation: bool = True,
+              improved: bool = False, preempted: bool = False) -> list[str]:
+    """The save policy: the checkpoints a run writes after `step` steps. `last` at each eval
+    (`evaluated`, with or without validation data, as deit3-jax) and each checkpoint interval
+    (`interval`); `best` when the eval's val acc1 `improved` on the best so far (runs with
+    `validation` only: without, `last` alone); `step-N` at each keep interval (`keep`; never
+    replaced); `last` when the run is `preempted` (it stops after this step)."""
+    names = ["last"] if evaluated or interval or preempted else []
+    if evaluated and validation and improved:
+        names.append("best")
+    if keep:
+        names.append(f"step-{step:08d}")
+    return names
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -208,6 +232,20 @@ def remove_partial(output_dir: str | os.PathLike) -> None:
                 fs.rm(entry, recursive=True)
 
 
+def resume(output_dir: str | os.PathLike, template: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(the newest checkpoint of a run that loads, restored into `template`; its meta), or
+    (`template`, None) when there is none. Corrupt ones are reported and skipped."""
+    for path in candidates(output_dir):
+        try:
+            restored = restore(path, template)
+        except ValueError as e:
+            print(f"warning: {e}; falling back to an older checkpoint", file=sys.stderr, flush=True)
+            continue
+        print(f"resumed from {path} at step {int(restored.step)}", flush=True)
+        return restored, read_meta(path)
+    return template, None
+
+
 def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The state arrays of checkpoint `path`, verified against meta.json; a clear error naming
     the file when it is truncated or corrupt."""
@@ -236,7 +274,7 @@ def load_ema(path: str | os.PathLike) -> Any:
     arrays = read_arrays(path)
     params, static = eqx.partition(model, eqx.is_array)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = [".ema" + jax.tree_util.keystr(p) for p, _ in leaves]
+    keys = [".ema" + checkpoint_key(p) for p, _ in leaves]
     if keys[0] not in arrays:
         raise ValueError(f"checkpoint {path} holds no EMA weights (train with --model-ema)")
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[k]) for k in keys]), static)
@@ -250,7 +288,7 @@ def restore(path: str | os.PathLike, template: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = []
     for p, x in leaves:
-        key = jax.tree_util.keystr(p)
+        key = checkpoint_key(p)
         if key not in arrays:
             raise ValueError(f"checkpoint {path} lacks {key}")
         a = arrays[key]

@@ -160,13 +160,10 @@ class AugmentConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_seed: int = 1
-    criterion: Literal["ce", "bce"] = "ce"
-    label_smoothing: float = 0.0
 
     def __post_init__(self):
         _check([
             (self.random_crop in ("none", "rrc", "src"), f"random_crop={self.random_crop!r}: allowed 'none', 'rrc', 'src'"),
-            (self.criterion in ("ce", "bce"), f"criterion={self.criterion!r}: allowed 'ce', 'bce'"),
             (self.random_erasing_mode in ("torchvision", "pixel"),
              f"random_erasing_mode={self.random_erasing_mode!r}: allowed 'torchvision', 'pixel'"),
             (self.geometric_fill in ("deit3-jax", "timm"),
@@ -174,8 +171,24 @@ class AugmentConfig:
             _min("color_jitter", self.color_jitter, 0.0), _in("random_erasing", self.random_erasing, 0.0, 1.0),
             _min("augment_repeats", self.augment_repeats, 1),
             _in("test_crop_ratio", self.test_crop_ratio, 0.0, 1.0, lo_open=True), _in("hflip", self.hflip, 0.0, 1.0),
-            _min("mixup", self.mixup, 0.0), _min("cutmix", self.cutmix, 0.0),
-            _in("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)])
+            _min("mixup", self.mixup, 0.0), _min("cutmix", self.cutmix, 0.0)])
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    criterion: Literal["ce", "bce"] = "ce"
+    """'ce' softmax cross-entropy; 'bce' deit3-jax's sigmoid BCE against targets > 0 after mixing."""
+    label_smoothing: float = 0.0
+    """timm's smoothing of the one-hot targets, for 'ce' only (deit3-jax applies none with 'bce')."""
+
+    def __post_init__(self):
+        _check([(self.criterion in ("ce", "bce"), f"criterion={self.criterion!r}: allowed 'ce', 'bce'"),
+                _in("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)])
+
+    @property
+    def target_smoothing(self) -> float:
+        """The smoothing the targets get: label_smoothing under 'ce', none under 'bce'."""
+        return self.label_smoothing if self.criterion == "ce" else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +250,7 @@ class Config:
     model: Annotated[ModelConfig, Flat] = ModelConfig()
     data: Annotated[DataConfig, Flat] = DataConfig()
     augment: Annotated[AugmentConfig, Flat] = AugmentConfig()
+    loss: Annotated[LossConfig, Flat] = LossConfig()
     optim: Annotated[OptimConfig, Flat] = OptimConfig()
     distill: Annotated[DistillConfig, Flat] = DistillConfig()
     fsdp: int = 1
@@ -290,7 +304,7 @@ class Config:
         return json.dumps(self.to_dict(), **kw)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig,
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig,
             "distill": DistillConfig}
 
 

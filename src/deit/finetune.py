@@ -26,6 +26,7 @@ from deit.interop import load_model
 from deit.layers import Linear
 from deit.model import ViT
 from deit.recipes import RECIPES_DIR
+from deit.treepath import leaf_name
 
 # Fields that change which weights exist or what they mean: no adaptation is possible.
 STRUCTURAL = ("dim", "layers", "heads", "patch_size", "layerscale", "pooling", "posemb", "distilled")
@@ -106,10 +107,6 @@ def adapt_head(pretrained: Linear | None, target: Linear | None, mapping: dict |
     return jax.tree.map(lambda p, t: p.astype(t.dtype), pretrained, target)
 
 
-def _path(path: tuple) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator=".")
-
-
 def adapt_pretrained(pretrained: ViT, target: ViT, label_mapping: dict | None = None) -> ViT:
     """`target`'s structure and config filled with `pretrained`'s weights (see the module doc).
 
@@ -126,10 +123,10 @@ def adapt_pretrained(pretrained: ViT, target: ViT, label_mapping: dict | None = 
             raise ValueError(f"label_mapping needs a head on both models, but the {which} has labels=0")
         check_label_mapping(label_mapping, pretrained.cfg.labels, target.cfg.labels)
 
-    source = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(pretrained)[0] if eqx.is_array(x)}
+    source = {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(pretrained)[0] if eqx.is_array(x)}
 
     def take(path: tuple, leaf: Any) -> Any:
-        name = _path(path)
+        name = leaf_name(path)
         if not eqx.is_array(leaf) or name.startswith(("pos_embed", "head")):
             return leaf  # not a weight, or adapted below
         x = source.get(name)

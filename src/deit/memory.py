@@ -1,7 +1,8 @@
 """Per-device memory of the train step, from XLA's memory analysis, without allocating anything.
 
 The step is the one the trainer runs (same optimiser, state shardings and train step), lowered
-with abstract inputs (ShapeDtypeStructs carrying their NamedShardings) at the recipe's global
+with abstract inputs (ShapeDtypeStructs carrying their NamedShardings: `steps.abstract_state`,
+the layout `steps.create_state` allocates) at the recipe's global
 batch and compiled for a mesh of N devices. Here those are fake CPU devices, which only exist if
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` is set before JAX starts: `report_subprocess`
 runs `python -m deit.memory N` with it (config JSON on stdin, report JSON on stdout). The figures
@@ -24,20 +25,11 @@ from jax.sharding import Mesh
 
 from deit import optim, sharding
 from deit.config import Config, check_divisible, from_dict
-from deit.model import ViT, skeleton
-from deit.steps import init_state, make_train_step
+from deit.model import skeleton
+from deit.steps import abstract_state, make_train_step
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 GIB = 2**30
-
-
-def abstract_state(cfg: Config, mesh: Mesh, tx: Any) -> tuple[Any, Any, Any]:
-    """(array leaves as sharded ShapeDtypeStructs, static rest, shardings), as `trainer.create_state` lays them out."""
-    make = lambda: init_state(ViT(cfg.model, key=jax.random.key(cfg.init_seed)), tx, cfg.optim.model_ema)
-    arrays, static = eqx.partition(eqx.filter_eval_shape(make), lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    shardings = sharding.state_shardings(mesh, arrays, cfg.model.layers)
-    sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays, shardings)
-    return sds, static, shardings
 
 
 def abstract_batch(cfg: Config, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:

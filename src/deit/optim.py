@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from deit.config import Config, OptimConfig
 from deit.model import ViT
+from deit.treepath import leaf_parts
 
 EMBED_NAMES = {"patch_embed", "cls_token", "dist_token", "pos_embed"}
 
@@ -30,16 +31,12 @@ def _params(model: ViT) -> Any:
     return eqx.filter(model, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
 
 
-def _names(path: tuple) -> list[str]:
-    return [getattr(k, "name", getattr(k, "key", str(k))) for k in path]
-
-
 def param_labels(model: ViT) -> Any:
     """Per-leaf (group, stacked) labels: group is 'embed', 'blocks' or 'top' (norm, heads)."""
     params = _params(model)
 
     def label(path, _):
-        top = _names(path)[0]
+        top = leaf_parts(path)[0]
         return "embed" if top in EMBED_NAMES else "blocks" if top == "blocks" else "top"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -51,7 +48,7 @@ def decay_mask(model: ViT) -> Any:
     params = _params(model)
 
     def is_kernel(path, _):
-        names = _names(path)
+        names = leaf_parts(path)
         return names[-1] == "weight" and not any(n.startswith("norm") for n in names)
 
     return jax.tree_util.tree_map_with_path(is_kernel, params)
@@ -67,7 +64,7 @@ def trust_groups(model: ViT) -> Any:
     params = _params(model)
 
     def groups(path, _):
-        return 3 if _names(path)[-3:] == ["attn", "qkv", "weight"] else 1
+        return 3 if leaf_parts(path)[-3:] == ["attn", "qkv", "weight"] else 1
 
     return jax.tree_util.tree_map_with_path(groups, params)
 

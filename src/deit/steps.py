@@ -1,5 +1,10 @@
 """The jitted train and eval steps, their state, losses and metrics.
 
+The train state is created directly in its shardings (`create_state`; `abstract_state` is the
+same layout without allocating, for `deit.memory`). The step's pieces are module functions:
+`accumulate_grads` (micro-batches in a scan) and `guard_non_finite` (a step with a non-finite
+loss or gradient norm changes nothing but the counters).
+
 Step-varying values (the step, hence lr and RNG keys) live in arrays inside the state, so
 one compiled step serves the whole run. RNG keys are derived by folding the step into the
 recipe's seeds: nothing random is carried, and a resumed run draws the same numbers.
@@ -14,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
-from deit import augment, sharding
+from deit import augment, finetune, mixing, sharding
 from deit.config import Config
 from deit.model import ViT
 
@@ -33,6 +38,35 @@ class TrainState(eqx.Module):
 def init_state(model: ViT, tx: optax.GradientTransformation, ema: bool = False) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
     return TrainState(model, tx.init(eqx.filter(model, eqx.is_array)), zero, model if ema else None, zero, zero)
+
+
+def fresh_state(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
+    """The run's initial state: the model at `init_seed` (and its EMA copy with `model_ema`)."""
+    return init_state(ViT(cfg.model, key=jax.random.key(cfg.init_seed)), tx, cfg.optim.model_ema)
+
+
+def abstract_state(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation) -> tuple[Any, Any, Any]:
+    """(array leaves as ShapeDtypeStructs carrying their NamedShardings, static rest, shardings):
+    the layout of `create_state`, without allocating anything."""
+    arrays, static = eqx.partition(eqx.filter_eval_shape(lambda: fresh_state(cfg, tx)),
+                                   lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    shardings = sharding.state_shardings(mesh, arrays, cfg.model.layers)
+    sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays, shardings)
+    return sds, static, shardings
+
+
+def create_state(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
+    """(the train state created directly in its shardings, no full host copy for big models;
+    the shardings). With `pretrained_ckpt`, the fresh model's structure filled with its weights."""
+    _, static, shardings = abstract_state(cfg, mesh, tx)
+    arrays = jax.jit(lambda: eqx.filter(fresh_state(cfg, tx), eqx.is_array), out_shardings=shardings)()
+    state = eqx.combine(arrays, static)
+    if cfg.pretrained_ckpt:  # fine-tune: the fresh model's structure, filled with pretrained weights
+        params, model_static = eqx.partition(finetune.load_pretrained(cfg, state.model), eqx.is_array)
+        ema = cfg.optim.model_ema
+        build = lambda p: eqx.filter(init_state(eqx.combine(p, model_static), tx, ema), eqx.is_array)
+        state = eqx.combine(jax.jit(build, out_shardings=shardings)(params), static)
+    return state, shardings
 
 
 def ema_update(ema: ViT, model: ViT, decay: float) -> ViT:
@@ -80,6 +114,36 @@ def topk_correct(logits: Float[Array, "b c"], targets: Float[Array, "b c"]) -> t
     return hits[:, 0].astype(jnp.float32), hits.any(-1).astype(jnp.float32)
 
 
+def accumulate_grads(grad_fn: Callable, model: Any, batch_parts: tuple, key: jax.Array,
+                     accum: int) -> tuple[tuple[jax.Array, jax.Array], Any]:
+    """((loss, logits), grads) of `grad_fn(model, key, *batch_parts)` (an
+    `eqx.filter_value_and_grad(..., has_aux=True)` returning the logits as aux), over `accum`
+    micro-batches: each part (None passes through) split along its batch axis, micro-batch i
+    drawing `jax.random.split(key, accum)[i]`, in a scan (activation memory of one micro-batch);
+    the mean loss and gradient, the logits in batch order. `accum=1` is one call with `key`."""
+    if accum == 1:
+        return grad_fn(model, key, *batch_parts)
+
+    def split(a):
+        return None if a is None else a.reshape(accum, -1, *a.shape[1:])
+
+    def micro(acc, inp):
+        k, *parts = inp
+        (loss, logits), g = grad_fn(model, k, *parts)
+        return jax.tree.map(jnp.add, acc, g), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_array))
+    grads, (losses, logits) = jax.lax.scan(micro, zeros, (jax.random.split(key, accum), *map(split, batch_parts)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    return (losses.mean(), logits.reshape(-1, logits.shape[-1])), grads
+
+
+def guard_non_finite(new: Any, old: Any, ok: jax.Array) -> Any:
+    """`new` where `ok`, else `old`, array leaf by array leaf (other leaves from `new`): a step
+    whose loss or gradient is not finite keeps the old model, optimiser state and EMA."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a, new, old)
+
+
 def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     state_shardings: Any = None) -> Callable:
     """step(state, images, labels, teacher=None) -> (state, metrics), jitted, state donated.
@@ -90,15 +154,15 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
     dtype = jnp.bfloat16 if cfg.optim.compute_dtype == "bfloat16" else jnp.float32
     distill = cfg.distill
 
-    def loss_fn(model: ViT, x, t, key, teacher_logits):
+    def loss_fn(model: ViT, key, x, t, teacher_logits):
         # bf16 compute: cast weights and inputs; gradients flow back to the f32 parameters.
         model, x = cast_floats(model, dtype), x.astype(dtype)
         if teacher_logits is None:
             logits = model(x, key=key)
-            loss = criterion_loss(cfg.augment.criterion, logits, t).mean()
+            loss = criterion_loss(cfg.loss.criterion, logits, t).mean()
         else:
             logits, dist_logits = model.forward_heads(x, key=key)
-            base = criterion_loss(cfg.augment.criterion, logits, t).mean()
+            base = criterion_loss(cfg.loss.criterion, logits, t).mean()
             kd = distillation_loss(distill.distillation_type, dist_logits, teacher_logits, distill.distillation_tau)
             loss = (1 - distill.distillation_alpha) * base + distill.distillation_alpha * kd
             logits = (logits + dist_logits) / 2
@@ -115,28 +179,13 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
         k_aug, k_mix = jax.random.split(jax.random.fold_in(jax.random.key(cfg.augment.mixup_seed), state.step))
         k_drop = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state.step)
         x = augment.train_transform(cfg.augment, k_aug, images)
-        t = augment.one_hot_targets(cfg.augment, labels, num_labels)
-        x, t = augment.mixup_cutmix(cfg.augment, k_mix, x, t)
+        t = mixing.one_hot_targets(cfg.loss, labels, num_labels)
+        x, t = mixing.mixup_cutmix(cfg.augment, k_mix, x, t)
         # The teacher sees the same mixed inputs as the student (DeiT), in eval mode.
         t_logits = None if teacher is None else jax.lax.stop_gradient(eqx.nn.inference_mode(teacher)(x))
 
-        if accum == 1:
-            (loss, logits), grads = grad_fn(state.model, x, t, k_drop, t_logits)
-        else:
-            # Micro-batches in a scan: activation memory of one micro-batch, one update per step.
-            def split(a):
-                return None if a is None else a.reshape(accum, -1, *a.shape[1:])
-
-            keys = jax.random.split(k_drop, accum)
-            zeros = jax.tree.map(jnp.zeros_like, eqx.filter(state.model, eqx.is_array))
-
-            def micro(acc, inp):
-                (l, lg), g = grad_fn(state.model, *inp)
-                return jax.tree.map(jnp.add, acc, g), (l, lg)
-
-            grads, (losses, logits) = jax.lax.scan(micro, zeros, (split(x), split(t), keys, split(t_logits)))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            loss, logits = losses.mean(), logits.reshape(-1, logits.shape[-1])
+        # Micro-batches (grad_accum > 1) in a scan: one update per step.
+        (loss, logits), grads = accumulate_grads(grad_fn, state.model, (x, t, t_logits), k_drop, accum)
 
         params = eqx.filter(state.model, eqx.is_array)
         # The lr is read at the step counter, which advances on a skipped step; Adam's count in
@@ -148,8 +197,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
         # Non-finite guard: a step whose loss or gradient is not finite changes nothing but the
         # counters (the data and the step still advance, so a resumed run stays in lockstep).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new_, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b) if eqx.is_array(a) else a, new_, old)
-        model, opt_state, ema = keep((model, opt_state, ema), (state.model, state.opt_state, state.ema))
+        model, opt_state, ema = guard_non_finite((model, opt_state, ema), (state.model, state.opt_state, state.ema), ok)
         acc1, acc5 = topk_correct(logits, t)
         metrics = {"loss": loss, "acc1": acc1.mean(), "acc5": acc5.mean(),
                    "lr": schedule(state.step), "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
@@ -169,7 +217,7 @@ def eval_step(model: ViT, images: UInt8[Array, "b h w 3"], labels: Int[Array, " 
               mask: Bool[Array, " b"], criterion: str = "ce") -> dict[str, Float[Array, ""]]:
     """Sums over the unmasked samples of a (possibly padded) batch.
 
-    The loss is the training criterion (static; `cfg.augment.criterion`) on plain one-hot
+    The loss is the training criterion (static; `cfg.loss.criterion`) on plain one-hot
     targets, as deit3-jax's validation step: no label smoothing, no mixup."""
     model = eqx.nn.inference_mode(model)
     logits = model(augment.eval_transform(images))

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from deit import data
 from deit.config import AugmentConfig, Config, DataConfig, ModelConfig
+from deit.data.loader import train_batches, valid_batches
+from deit.data.prepare import write_shard
 
 
 def jpeg_decoder() -> str:
-    """The decoder `data.decode_image` uses for (YCbCr / grayscale) JPEGs."""
+    """The decoder `deit.data.decode.decode_image` uses for (YCbCr / grayscale) JPEGs."""
     import simplejpeg
 
     return f"simplejpeg {simplejpeg.__version__} (libjpeg-turbo), full-resolution decode into numpy RGB"
@@ -71,7 +72,7 @@ def benchmark_loader(spec: str, *, split: str = "train", image_size: int = 224, 
         raise ValueError(f"split={split!r}: allowed 'train', 'valid'")
     cfg = loader_config(spec, image_size=image_size, batch_size=batch_size, workers=workers,
                         random_crop=random_crop, augment_repeats=augment_repeats, shuffle_buffer=shuffle_buffer)
-    loader = data.train_batches(cfg) if split == "train" else data.valid_batches(cfg)
+    loader = train_batches(cfg) if split == "train" else valid_batches(cfg)
     try:
         for _ in range(warmup):
             next(loader)
@@ -154,5 +155,5 @@ def photo_shards(out_dir: str | os.PathLike, count: int = 512, *, size: tuple[in
                 img = skimage_photo(rng, sources, size) if sources else photo(rng, size)
                 img.save(buf, format="JPEG", quality=quality)
                 yield f"{i:08d}", {"jpg": buf.getvalue(), "cls": str(i % 1000).encode()}
-        data.write_shard(Path(out_dir) / f"photos-{s:04d}.tar", samples())
+        write_shard(Path(out_dir) / f"photos-{s:04d}.tar", samples())
     return str(Path(out_dir) / f"photos-{{0000..{n_shards - 1:04d}}}.tar")

@@ -1,0 +1,1 @@
+"""Benchmarks behind src/benchmark.py (not part of the installed `deit` package)."""
