@@ -136,8 +136,8 @@ def test_real_in21k_to_in1k_mapping():
 
 def tiny_cfg(ckpt: Path, **model) -> Config:
     base = from_flat(json.loads((ROOT / "recipes" / "tiny-digits.json").read_text()))
-    # Learnable positions and a cls token, as the checkpoints here: their pos_embed gets resized.
-    model = dict(layers=2, dim=32, heads=2, posemb="learnable", pooling="cls", **model)
+    # Patch 4, learnable positions and a cls token, as the checkpoints here: their pos_embed gets resized.
+    model = dict(layers=2, dim=32, heads=2, patch_size=4, posemb="learnable", pooling="cls", **model)
     return dataclasses.replace(base, model=dataclasses.replace(base.model, **model), pretrained_ckpt=str(ckpt))
 
 
@@ -196,7 +196,7 @@ def test_train_cli_fine_tunes_from_checkpoint(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "src/train.py", "recipes:tiny-digits", "--training-steps", "1",
                         "--eval-interval", "1", "--layers", "2", "--dim", "32", "--heads", "2",
-                        "--posemb", "learnable", "--pooling", "cls", "--train-batch-size", "16",
+                        "--patch-size", "4", "--posemb", "learnable", "--pooling", "cls", "--train-batch-size", "16",
                         "--random-crop", "none", "--no-progress",
                         "--learning-rate", "0",  # the one step moves weights by ~1e-6 (warmup starts at 1e-6)
                         "--pretrained-ckpt", str(ckpt), "--output-dir", str(out)],
