@@ -37,13 +37,15 @@ def evaluate_many(models: dict[str, ViT], batches: Iterator, mesh: jax.sharding.
             with sharding.mesh_context([b.sharding for b in batch]):  # batch-sharded activations
                 sums = eval_step(model, *batch, criterion=criterion)
             totals[name] = sums if totals[name] is None else jax.tree.map(lambda a, b: a + b, totals[name], sums)
+    # One cross-process gather for all models (every process calls it the same number of times).
+    skipped = total_skipped(batches) if hasattr(batches, "skipped") else 0
     results = {}
     for name, t in totals.items():
         n = float(t["num_samples"]) if t is not None else 0.0
         if n == 0:
             raise ValueError("validation produced no samples")
         results[name] = {"acc1": float(t["acc1"]) / n, "acc5": float(t["acc5"]) / n, "loss": float(t["loss"]) / n,
-                         "num_samples": int(n), "skipped": total_skipped(batches) if hasattr(batches, "skipped") else 0}
+                         "num_samples": int(n), "skipped": skipped}
     return results
 
 
