@@ -8,5 +8,10 @@ Modules, each importing only those above it:
   order    which records a process reads in an epoch, in which (seeded, shuffled) order
   loader   `train_batches` / `valid_batches`: the background-thread `Loader`, worker pool, the
            train / valid streams, resume state (`STATE_KEYS`, `skip_state`); resolves `digits:` specs
+
+Bad data: `loader.resolve_shards` checks a spec before anything is written (missing files, files
+that are not complete tars, shards whose first samples all fail to decode: one-line ValueErrors);
+bad samples (unreadable image, missing / non-integer / out-of-range label) are skipped and counted
+in the loaders' `skipped`; see `shards`' docstring.
 """
 

@@ -5,14 +5,20 @@ arrays (picklable), and every random choice comes from `crop_rng`: a function of
 sample lives, never of which worker ran it.
 """
 
+import functools
 import io
+import itertools
+import os
+import warnings
 
 import numpy as np
 import simplejpeg
 from PIL import Image
 
 from deit import crop
-from deit.data.shards import Record
+from deit.data.shards import IMAGE_EXTS, Record, image_bytes, is_local_path, iter_shard, label_problem
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def decode_image(data: bytes | None) -> np.ndarray | None:
@@ -35,10 +41,75 @@ def decode_image(data: bytes | None) -> np.ndarray | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now, while the buffer is open
-            # most images are RGB already: convert() would copy the pixels for nothing
-            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            return to_rgb(img)
     except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
         return None
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image as RGB uint8, as timm's loader (`img.convert("RGB")`) except for
+    16-bit grayscale.
+
+    Grayscale (L), palette (P), LA/RGBA (alpha dropped), CMYK, 1-bit, ...: `convert("RGB")`.
+    A palette image with transparency goes through RGBA (the same pixels; Pillow warns on the
+    direct conversion when the transparency is a byte string). 16-bit grayscale (Pillow's
+    I;16 modes, and mode I of a PNG, which older Pillows gave 16-bit PNGs) is scaled to 8 bits
+    as `v >> 8`: Pillow's own I;16 -> L and I;16 -> RGB conversions clip every value above 255
+    to white (checked with Pillow 13), which turns a normal 16-bit photo into a white sheet;
+    `>> 8` is what Pillow itself does to 16-bit RGB and RGBA PNGs (it keeps the high byte).
+    """
+    if img.mode == "RGB":  # most images: convert() would copy the pixels for nothing
+        return np.asarray(img)
+    if img.mode in SIXTEEN_BIT or (img.mode == "I" and img.format == "PNG"):
+        gray = (np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"))
+
+
+# ----------------------------------------------------------------------------- up-front probe
+
+PROBE_SAMPLES, PROBE_SHARDS = 16, 4
+
+
+def probe_shards(urls: list[str], spec: str, num_labels: int = 0) -> None:
+    """ValueError naming `spec` when none of the first PROBE_SAMPLES samples of each of its first
+    PROBE_SHARDS local shards has a readable image and an integer label (in [0, num_labels)
+    unless num_labels is 0) (all corrupt: training could only skip them). Stops at the first usable sample, so a healthy dataset costs one
+    sample's decode; memoised on the shards' (path, mtime, size). Remote and pipe: shards are not
+    read up front: an all-corrupt remote dataset is caught by the loader after one pass.
+    """
+    local = [u for u in urls if is_local_path(u)][:PROBE_SHARDS]
+    if local:
+        stats = tuple((u, os.stat(u).st_mtime_ns, os.stat(u).st_size) for u in local)
+        problem = _probe(stats, num_labels)
+        if problem is not None:
+            raise ValueError(f"shard spec {spec!r} has no usable sample among the first {PROBE_SAMPLES} of "
+                             f"{'its first shard' if len(local) == 1 else f'each of its first {len(local)} shards'} "
+                             f"({problem}); allowed: samples with a readable image ({'/'.join(IMAGE_EXTS)}) "
+                             f"and an integer .cls label{f' in [0, {num_labels})' if num_labels > 0 else ''}")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(stats: tuple[tuple[str, int, int], ...], num_labels: int) -> str | None:
+    first = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. Pillow's DecompressionBombWarning: the loader will show it
+        for url, _, _ in stats:
+            n = 0
+            for sample in itertools.islice(iter_shard(url, quiet=True), PROBE_SAMPLES):
+                n += 1
+                data = image_bytes(sample)
+                _, problem = label_problem(sample, num_labels)
+                if problem is None:
+                    problem = ("has no image member" if data is None
+                               else None if decode_image(data) is not None else "has unreadable image bytes")
+                if problem is None:
+                    return None
+                first = first or f"e.g. sample {sample['__key__']!r} of {url} {problem}"
+            first = first or (f"e.g. {url} yields no sample" if n == 0 else None)
+    return first
 
 
 def crop_rng(seed: int, epoch: int, shard: int, pos: int, copy: int) -> np.random.Generator:

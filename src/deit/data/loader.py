@@ -33,23 +33,36 @@ import numpy as np
 from jaxtyping import Int
 
 from deit.config import Config, check_divisible
-from deit.data.decode import decode_train, decode_valid
+from deit.data.decode import decode_train, decode_valid, probe_shards
 from deit.data.order import epoch_usable, process_records, shuffle_rng, shuffled, train_records
 from deit.data.prepare import DIGITS_SPLITS, ensure_digits
-from deit.data.shards import count_samples, expand_shards
+from deit.data.shards import IMAGE_EXTS, Record, check_shards, count_samples, expand_shards
 
 log = logging.getLogger(__name__)
 
 
-def resolve_shards(spec: str) -> list[str]:
+def resolve_shards(spec: str, num_labels: int = 0) -> list[str]:
     """`expand_shards`, plus `digits:train` / `digits:valid`: the bundled digits, prepared into
-    the cache on first use (resolved here, so reading shards never depends on preparing them)."""
+    the cache on first use (resolved here, so reading shards never depends on preparing them).
+
+    Then the up-front data checks, each a ValueError naming the shard or spec and what is
+    allowed (`deit.runtime.check_data` calls this before anything is written): every explicit
+    local file exists (`expand_shards`); every local shard is a complete, non-empty tar
+    (`shards.check_shards`: a stat, its first header and its last 1024 bytes, memoised); some of
+    the first samples of the first local shards decode, with labels in [0, num_labels) unless
+    num_labels is 0 (`decode.probe_shards`). Remote and
+    `pipe:` shards are checked when the loader opens them (warned once, readable part used).
+    """
     if spec.startswith("digits:"):
         split = spec.split(":", 1)[1]
         if split not in DIGITS_SPLITS:
             raise ValueError(f"shard spec {spec!r}: allowed digits splits are 'digits:train', 'digits:valid'")
-        return sorted(str(p) for p in ensure_digits().glob(f"digits-{split}-*.tar"))
-    return expand_shards(spec)
+        urls = sorted(str(p) for p in ensure_digits().glob(f"digits-{split}-*.tar"))
+    else:
+        urls = expand_shards(spec)
+    check_shards(urls, spec)
+    probe_shards(urls, spec, num_labels)
+    return urls
 
 
 # ----------------------------------------------------------------------------- worker pool
@@ -221,18 +234,24 @@ def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
     skipped, first = state["skipped"], state["copies"]  # first: copies of the first record already out
     images = np.empty((local, size, size, 3), np.uint8)
     labels = np.empty((local,), np.int32)
-    j, current, good = 0, state["epoch"], 1  # good: decoded samples of epoch `current`
+    # good: decoded samples of epoch `current`; a state inside an epoch handed some out already
+    j, current, good = 0, state["epoch"], int(state["offset"] > 0 or state["copies"] > 0)
+    logged = 0
     for recs, crops in ordered_map(fn, chunked(records, chunk), pool, 2 * cfg.data.train_loader_workers + 1):
         for (epoch, i, rec), crops_ in zip(recs, crops):
             if epoch != current:
                 if not good:  # else an all-corrupt dataset would spin forever
                     raise ValueError(f"no decodable training samples for process {process_index} in epoch "
-                                     f"{current} of {len(urls)} shard(s), e.g. {urls[0]}")
+                                     f"{current} of {len(urls)} shard(s), e.g. {urls[0]} ({skipped} skipped so "
+                                     "far); allowed: samples with a readable image and an integer .cls label"
+                                     + (f" in [0, {cfg.model.labels})" if cfg.model.labels > 0 else ""))
                 current, good = epoch, 0
             if crops_ is None:
                 skipped, first = skipped + 1, 0
-                if skipped <= 10:
-                    log.warning("skipping corrupt sample %r in %s", rec.key, rec.url)
+                if rec.label is not None and logged < 10:  # a bad label was warned about when read
+                    logged += 1
+                    log.warning("skipping sample %r in %s: %s%s", rec.key, rec.url, image_problem(rec),
+                                " (10 logged, further ones counted only)" if logged == 10 else "")
                 continue
             good += 1
             for c in range(first, k):
@@ -242,6 +261,13 @@ def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
                     yield (images, labels), stream_state(epoch, i, c, k, skipped)
                     images, labels, j = np.empty_like(images), np.empty_like(labels), 0
             first = 0
+
+
+def image_problem(rec: Record) -> str:
+    """Why a labelled record did not decode, for its warning."""
+    if rec.image is None:
+        return f"it has no image member (allowed: KEY.{'/'.join(IMAGE_EXTS)})"
+    return "its image bytes are not a readable image"
 
 
 def skip_state(urls: list[str], cfg: Config, process_index: int, process_count: int, steps: int) -> dict[str, int]:
@@ -300,7 +326,7 @@ def train_batches(cfg: Config, *, process_index: int = 0, process_count: int = 1
         raise ValueError(f"start_step={start_step} and state={state}: give one of them")
     if start_step < 0:
         raise ValueError(f"start_step={start_step}: must be >= 0")
-    urls = resolve_shards(cfg.data.train_dataset_shards)
+    urls = resolve_shards(cfg.data.train_dataset_shards, cfg.model.labels)
     state = (skip_state(urls, cfg, process_index, process_count, start_step) if state is None
              else full_state(state, cfg.augment.augment_repeats))
     return Loader(functools.partial(train_stream, urls=urls, cfg=cfg, process_index=process_index,
@@ -330,13 +356,16 @@ def valid_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
     def empty() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.zeros((batch, size, size, 3), np.uint8), np.zeros((batch,), np.int32), np.zeros((batch,), bool)
 
-    skipped, emitted, j = 0, 0, 0
+    skipped, emitted, j, logged = 0, 0, 0, 0
     images, labels, mask = empty()
     for recs, crops in ordered_map(fn, chunked(records, max(1, min(batch, 32))), pool, 2 * workers + 1):
         for rec, img in zip(recs, crops):
             if img is None:
                 skipped += 1
-                log.warning("skipping corrupt sample %r in %s", rec.key, rec.url)
+                if rec.label is not None and logged < 10:  # a bad label was warned about when read
+                    logged += 1
+                    log.warning("skipping validation sample %r in %s: %s%s", rec.key, rec.url, image_problem(rec),
+                                " (10 logged, further ones counted only)" if logged == 10 else "")
                 continue
             images[j], labels[j], mask[j] = img, rec.label, True
             j += 1
@@ -358,7 +387,7 @@ def valid_batches(cfg: Config, *, process_index: int = 0, process_count: int = 1
     same number of batches on every process."""
     check_process(process_index, process_count)
     batch = check_divisible("valid_batch_size", cfg.data.valid_batch_size, process_count, f"process_count={process_count}")
-    urls = resolve_shards(cfg.data.valid_dataset_shards)
+    urls = resolve_shards(cfg.data.valid_dataset_shards, cfg.model.labels)
     return Loader(functools.partial(valid_stream, urls=urls, cfg=cfg, process_index=process_index,
                                     process_count=process_count, batch=batch),
                   cfg.data.valid_loader_workers, prefetch, {"skipped": 0})

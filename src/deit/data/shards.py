@@ -3,12 +3,24 @@ are usable (an image and a readable label), and how many samples a shard holds.
 
 Nothing here decodes an image or knows about the `digits:` specs: those name prepared shards,
 which `deit.data.loader.resolve_shards` turns into paths before they reach this module.
+
+Bad data (issue 15). Up front (`expand_shards`, `check_shards`, before anything is written): a
+spec naming a local file that does not exist, a directory, an empty file, a file that is not a
+tar, an empty archive or a truncated one is a ValueError naming the shard and what is allowed.
+The check is cheap: per local shard a stat, its first 512-byte header and its last 1024 bytes
+(memoised on path, mtime and size, in a thread pool for many shards). Remote and `pipe:` shards
+are checked lazily, when the loader opens them: one that cannot be opened or ends early is
+warned about once and its readable samples are used (the rest of it is not read, so it is not
+counted). Per sample: a missing, non-integer or out-of-range `.cls` makes the sample unusable
+(skipped and counted by the loader, one warning line per shard at most).
 """
 
+import concurrent.futures
 import functools
 import logging
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from glob import glob
@@ -25,9 +37,20 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
+SPEC_ALLOWED = ("existing local files or globs, brace patterns, pipe:CMD, scheme:// URLs, digits:train, "
+                "digits:valid")
+TAR_ALLOWED = "complete tar archives of webdataset samples (KEY.jpg/png/... + KEY.cls members)"
+
+
 def expand_shards(spec: str) -> list[str]:
-    """Shard URLs of a spec: brace patterns, local paths/globs, `pipe:CMD`, scheme:// URLs."""
+    """Shard URLs of a spec: brace patterns, local paths/globs, `pipe:CMD`, scheme:// URLs.
+
+    Every explicit local path (not a glob) must exist: a spec whose files are all missing
+    "matches no shards", one missing some names the first missing file. A glob matching nothing
+    in a brace alternative is allowed as long as the whole spec matches something.
+    """
     urls: list[str] = []
+    missing: list[str] = []
     for url in braceexpand.braceexpand(spec):
         if not is_local_path(url):
             urls.append(url)  # opened by webdataset's gopen (pipe, http(s), gs, ...)
@@ -35,9 +58,14 @@ def expand_shards(spec: str) -> list[str]:
             urls.extend(sorted(glob(url)))
         elif os.path.exists(url):
             urls.append(url)
+        else:
+            missing.append(url)
     if not urls:
-        raise ValueError(f"shard spec {spec!r} matches no shards; allowed: existing local paths/globs, "
-                         "brace patterns, pipe:CMD, scheme:// URLs, digits:train, digits:valid")
+        why = f" ({missing[0]} does not exist)" if missing else ""
+        raise ValueError(f"shard spec {spec!r} matches no shards{why}; allowed: {SPEC_ALLOWED}")
+    if missing:
+        raise ValueError(f"shard {missing[0]} of spec {spec!r} does not exist ({len(missing)} of "
+                         f"{len(missing) + len(urls)} shards missing); allowed: a spec whose every file exists")
     return urls
 
 
@@ -45,6 +73,74 @@ def is_local_path(url: str) -> bool:
     """Not a `pipe:` command or a scheme:// URL (fileio.is_local would parse a pipe's command line
     as an fsspec URL): a local file, which can be stat'ed and scanned by header."""
     return not (url.startswith("pipe:") or URL_RE.match(url))
+
+
+# ----------------------------------------------------------------------------- up-front checks
+
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: tars webdataset reads as well
+
+
+def shard_problem(path: str) -> str | None:
+    """What is wrong with a local shard, or None: it exists as a file, is not empty, starts
+    with a valid tar header and ends with the two zero 512-byte blocks of a complete tar.
+
+    Reads 512 + 1024 bytes. Python's tarfile and GNU tar also pad to a 10240-byte record, which
+    is not required (some writers end right after the two zero blocks). A compressed tar
+    (gzip/bzip2/xz magic) is only checked to be non-empty: its end is found when it is read.
+    Memoised on (path, mtime, size).
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exn:
+        return f"cannot be read ({exn.strerror or exn})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file"
+    return _shard_problem(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _shard_problem(path: str, mtime_ns: int, size: int) -> str | None:
+    if size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(tarfile.BLOCKSIZE)
+            f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+            tail = f.read()
+    except OSError as exn:
+        return f"cannot be read ({exn.strerror or exn})"
+    if head.startswith(COMPRESSED):
+        return None
+    if len(head) < tarfile.BLOCKSIZE:
+        return f"is not a tar archive ({size} bytes, less than one 512-byte tar header)"
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return "holds no samples (an empty tar archive)"
+    except tarfile.HeaderError:
+        return "is not a tar archive (its first 512 bytes are not a tar header)"
+    if size % tarfile.BLOCKSIZE:
+        return f"is truncated ({size} bytes, not a whole number of 512-byte tar blocks)"
+    if tail.count(0) != len(tail) or len(tail) < 2 * tarfile.BLOCKSIZE:
+        return "is truncated (it does not end with the two zero 512-byte blocks of a complete tar)"
+    return None
+
+
+def check_shards(urls: list[str], spec: str, threads: int = 16) -> None:
+    """ValueError naming the first bad local shard of `spec` (`shard_problem`), with how many
+    more are bad; remote and pipe: URLs are checked when opened (`iter_shard`)."""
+    local = [u for u in urls if is_local_path(u)]
+    if len(local) > 4:
+        with concurrent.futures.ThreadPoolExecutor(min(threads, len(local))) as pool:
+            problems = list(pool.map(shard_problem, local))
+    else:
+        problems = [shard_problem(u) for u in local]
+    bad = [(u, p) for u, p in zip(local, problems) if p is not None]
+    if bad:
+        url, problem = bad[0]
+        of = "" if spec == url else f" of spec {spec!r}"
+        more = f" ({len(bad) - 1} more of its {len(urls)} shards are bad too)" if len(bad) > 1 else ""
+        raise ValueError(f"shard {url}{of} {problem}{more}; allowed: {TAR_ALLOWED}")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -77,17 +173,49 @@ def group_samples(files: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard; a shard that cannot be opened or read to the end is logged and
-    ends early (as webdataset's warn_and_continue), so one bad shard does not stop training."""
-    try:
-        stream = gopen(url, "rb")
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_once(kind: str, url: str, msg: str, *args: Any) -> None:
+    """log.warning, once per (kind, shard) in this process."""
+    if (kind, url) not in _warned:
+        _warned.add((kind, url))
+        log.warning(msg, *args)
+
+
+def iter_shard(url: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
+    """Samples of one shard. A shard that cannot be opened or read to the end yields the samples
+    read before the fault and ends early, warned about once per shard (unless `quiet`), so one
+    bad shard does not stop training; a sample cut by the fault keeps the members read."""
+    faults: list[Exception] = []
+
+    def files() -> Iterator[dict[str, Any]]:
         try:
-            yield from group_samples(tar_file_iterator(stream))
+            stream = gopen(url, "rb")
+        except Exception as exn:  # noqa: BLE001 - any open error ends this shard only
+            faults.append(exn)
+            return
+        try:
+            yield from tar_file_iterator(stream)
+        except Exception as exn:  # noqa: BLE001 - any I/O or tar error ends this shard only
+            faults.append(exn)
         finally:
-            stream.close()
-    except Exception as exn:  # noqa: BLE001 - any I/O or tar error ends this shard only
-        log.warning("skipping the rest of shard %s: %s", url, exn)
+            try:
+                stream.close()  # a pipe: checks the command's exit status here
+            except Exception as exn:  # noqa: BLE001
+                faults.append(exn)
+
+    members = files()
+    n = 0
+    try:
+        for sample in group_samples(members):
+            n += 1
+            yield sample
+    finally:
+        members.close()
+    if faults and not quiet:
+        warn_once("read", url, "shard %s ends early (%s): using the %d sample(s) read before; the rest of "
+                  "it is not read (warned once per shard)", url, faults[0], n)
 
 
 def is_meta(name: str) -> bool:
@@ -99,15 +227,30 @@ def image_bytes(sample: dict[str, Any]) -> bytes | None:
     return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
 
 
-def parse_label(sample: dict[str, Any], url: str, num_labels: int) -> int | None:
-    """The `cls` label; None if missing or unreadable, ValueError if outside [0, num_labels)
-    (num_labels 0: no range check)."""
+def label_problem(sample: dict[str, Any], num_labels: int) -> tuple[int | None, str | None]:
+    """(label, None) for a readable `cls` label (in [0, num_labels) unless num_labels is 0),
+    else (None, what is wrong with it)."""
+    raw = sample.get("cls")
+    if raw is None:
+        return None, "has no .cls label"
     try:
-        label = int(sample["cls"].decode().strip())
-    except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
-        return None
+        label = int(raw.decode().strip())
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None, f"has label {raw[:20]!r}, not an integer"
     if num_labels > 0 and not 0 <= label < num_labels:
-        raise ValueError(f"label {label} of sample {sample['__key__']!r} in shard {url} is outside [0, {num_labels})")
+        return None, f"has label {label}, outside [0, {num_labels})"
+    return label, None
+
+
+def parse_label(sample: dict[str, Any], url: str, num_labels: int, warn: bool = True) -> int | None:
+    """The `cls` label; None if missing, not an integer or outside [0, num_labels) (num_labels 0:
+    no range check), which the loader skips and counts. The first such sample of a shard is
+    warned about (one line per shard at most), if `warn`."""
+    label, problem = label_problem(sample, num_labels)
+    if problem is not None and warn:
+        allowed = f"an integer in [0, {num_labels})" if num_labels > 0 else "an integer"
+        warn_once("label", url, "skipping sample %r in shard %s: it %s (allowed: %s; further bad labels of "
+                  "this shard are skipped and counted, not logged)", sample["__key__"], url, problem, allowed)
     return label
 
 
@@ -140,7 +283,8 @@ def sample_usable(url: str, num_labels: int) -> np.ndarray:
 
 
 def _usable(samples: Iterable[dict[str, Any]], url: str, num_labels: int) -> np.ndarray:
-    return np.array([image_bytes(s) is not None and parse_label(s, url, num_labels) is not None
+    # count_samples (num_labels 0) does not warn: a warning should name the model's label range
+    return np.array([image_bytes(s) is not None and parse_label(s, url, num_labels, num_labels > 0) is not None
                      for s in samples], bool)
 
 
@@ -149,8 +293,13 @@ def _usable_local(path: str, mtime_ns: int, size: int, num_labels: int) -> np.nd
     # mtime and size are in the cache key so a rewritten shard is scanned again
     try:
         with tarfile.open(path, "r:") as tar:  # seeks past the members it does not read
-            files = [{"fname": m.name, "data": tar.extractfile(m).read() if m.name.lower().endswith(".cls") else b""}
-                     for m in tar if m.isreg() and not is_meta(m.name)]
+            files = []
+            for m in tar:
+                if m.offset_data + m.size > size:  # truncated here: the stream ends at this member too
+                    break
+                if m.isreg() and not is_meta(m.name):
+                    files.append({"fname": m.name,
+                                  "data": tar.extractfile(m).read() if m.name.lower().endswith(".cls") else b""})
     except (OSError, tarfile.TarError) as exn:
         log.warning("scanning shard %s failed (%s); reading it as a stream", path, exn)
         return _usable_stream(path, num_labels)
