@@ -36,11 +36,21 @@ def run(args: Args) -> dict:
     from deit.interop import load_model
     from deit.evaluation import evaluate
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint)  # any bad weights file: a one-line ValueError naming it
     cfg = Config(model=model.cfg)
     try:
-        cfg = from_dict(checkpoint.read_meta(args.checkpoint)["config"])
-    except (FileNotFoundError, NotADirectoryError, KeyError):
+        meta = checkpoint.read_meta(args.checkpoint)
+    except (FileNotFoundError, NotADirectoryError):  # a weights file, not a training checkpoint
+        meta = {}
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{args.checkpoint}/meta.json is not valid JSON ({e}); allowed: the meta.json its "
+                         f"checkpoint wrote") from None
+    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        try:
+            cfg = from_dict(meta["config"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{args.checkpoint}/meta.json: its config is not valid ({e})") from None
+    else:
         cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, test_crop_ratio=0.875))
     if args.image_size not in (None, model.cfg.image_size) and model.cfg.posemb != "sincos2d":
         raise ValueError(f"image_size={args.image_size}: this model's learnable position embedding is for "

@@ -16,47 +16,93 @@ from deit.model import ViT
 from deit.timm_weights import check_keys, fill_model, fmt_keys, to_numpy
 
 
-def _ndarray_from_ext(data: bytes) -> np.ndarray:
-    shape, dtype_name, buffer = msgpack.unpackb(data, raw=False)
+ALLOWED = "allowed: a complete flax msgpack of a deit3-jax param tree (flax.serialization.msgpack_serialize)"
+
+
+class _NotWeights(ValueError):
+    """Raised from inside the unpacker for content flax never writes (passed on as it is)."""
+
+
+class _Packed:
+    """A flax ndarray record (ext code 1 or 3), decoded once its key in the tree is known."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+def _ndarray(data: bytes, key: str) -> np.ndarray:
+    """flax's ndarray record (shape, dtype name, C-order bytes), checked: a bad record names its key."""
+    try:
+        shape, dtype_name, buffer = msgpack.unpackb(data, raw=False)
+    except Exception:  # noqa: BLE001: any malformed record
+        raise ValueError(f"{key}: malformed array record; {ALLOWED}") from None
     if isinstance(dtype_name, bytes):
-        dtype_name = dtype_name.decode()
+        dtype_name = dtype_name.decode(errors="replace")
+    if not (isinstance(shape, (list, tuple)) and all(type(n) is int and n >= 0 for n in shape)
+            and isinstance(dtype_name, str) and isinstance(buffer, bytes)):
+        raise ValueError(f"{key}: malformed array record (shape {shape!r:.40}, dtype {dtype_name!r:.20}); {ALLOWED}")
     try:
         dtype = np.dtype(dtype_name)
     except TypeError:
         import ml_dtypes  # bfloat16, float8_*: installed with jax
 
         if not hasattr(ml_dtypes, dtype_name):
-            raise ValueError(f"msgpack array has unknown dtype {dtype_name!r}") from None
+            raise ValueError(f"{key}: unknown dtype {dtype_name!r}") from None
         dtype = np.dtype(getattr(ml_dtypes, dtype_name))
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(buffer) != need:
+        raise ValueError(f"{key}: {dtype_name} of shape {tuple(shape)} needs {need} bytes, the file holds "
+                         f"{len(buffer)}; {ALLOWED}")
     return np.frombuffer(buffer, dtype=dtype).reshape(tuple(shape))
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
-    # flax.serialization ext codes: 1 ndarray, 2 native complex, 3 numpy scalar.
+    # flax.serialization ext codes: 1 ndarray, 2 native complex, 3 numpy scalar (an ndarray of shape ()).
     if code in (1, 3):
-        return _ndarray_from_ext(data)
+        return _Packed(data)
     if code == 2:
-        raise ValueError("msgpack holds a complex number (ext code 2): not a weights file")
-    raise ValueError(f"msgpack ext type code {code} is not one flax writes (1 ndarray, 2 complex, 3 scalar)")
+        raise _NotWeights("msgpack holds a complex number (ext code 2): not a weights file")
+    raise _NotWeights(f"msgpack ext type code {code} is not one flax writes (1 ndarray, 2 complex, 3 scalar)")
 
 
-def _unchunk(tree: Any) -> Any:
-    """flax splits arrays over 1 GiB into {'__msgpack_chunked_array__', 'shape', 'chunks'} dicts."""
+def _decode(tree: Any, key: str) -> Any:
+    """Arrays decoded, each checked under its key; flax's chunked arrays (over 1 GiB:
+    {'__msgpack_chunked_array__', 'shape', 'chunks'}) joined."""
+    if isinstance(tree, _Packed):
+        return _ndarray(tree.data, key)
     if not isinstance(tree, dict):
         return tree
     if tree.get("__msgpack_chunked_array__"):
-        shape = tuple(int(tree["shape"][str(i)]) for i in range(len(tree["shape"])))
-        chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-        return np.concatenate(chunks).reshape(shape)
-    return {k: _unchunk(v) for k, v in tree.items()}
+        try:
+            shape = tuple(int(tree["shape"][str(i)]) for i in range(len(tree["shape"])))
+            chunks = [_decode(tree["chunks"][str(i)], f"{key}.chunks.{i}") for i in range(len(tree["chunks"]))]
+            return np.concatenate(chunks).reshape(shape)
+        except (KeyError, TypeError, ValueError) as e:
+            if str(e).startswith(key):
+                raise
+            raise ValueError(f"{key}: malformed chunked array ({type(e).__name__}: {e}); {ALLOWED}") from None
+    return {k: _decode(v, f"{key}.{k}" if key else str(k)) for k, v in tree.items()}
 
 
 def read_flax_msgpack(data: bytes) -> dict[str, Any]:
-    """Decode flax.serialization.msgpack_serialize output (nested dicts of numpy arrays), without flax."""
-    tree = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    """Decode flax.serialization.msgpack_serialize output (nested dicts of numpy arrays), without flax.
+
+    Untrusted input: a truncated or corrupt file, or an array whose bytes do not fit its shape
+    (named by its key), is a one-line ValueError."""
+    try:
+        tree = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    except _NotWeights:
+        raise
+    except msgpack.ExtraData:
+        raise ValueError(f"corrupt msgpack (bytes left over after the first object); {ALLOWED}") from None
+    except ValueError as e:
+        detail = "truncated msgpack (incomplete input)" if "incomplete" in str(e) else f"corrupt msgpack ({e})"
+        raise ValueError(f"{detail}; {ALLOWED}") from None
+    except Exception as e:  # noqa: BLE001: FormatError, StackError, UnicodeDecodeError, ...
+        raise ValueError(f"corrupt msgpack ({type(e).__name__}: {e}); {ALLOWED}") from None
     if not isinstance(tree, dict):
-        raise ValueError(f"msgpack holds a {type(tree).__name__}, expected a dict of weights")
-    return _unchunk(tree)
+        raise ValueError(f"msgpack holds a {type(tree).__name__}, expected a dict of weights; {ALLOWED}")
+    return _decode(tree, "")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -103,6 +149,9 @@ def infer_deit3_jax_config(flat: Mapping[str, np.ndarray], image_size: int | Non
         raise ValueError(f"embed.wte.kernel {kernel.shape} / layer_0.attn.wq.kernel {wq.shape}: expected (P,P,3,D) / (D,heads,head_dim)")
     patch, dim = kernel.shape[0], kernel.shape[-1]
     if "embed.wpe" in flat:
+        wpe = flat["embed.wpe"]
+        if wpe.ndim != 3 or wpe.shape[0] != wpe.shape[1]:
+            raise ValueError(f"embed.wpe has shape {wpe.shape}, expected (grid, grid, {dim})")
         grid = flat["embed.wpe"].shape[0]
         if image_size is not None and image_size != grid * patch:
             raise ValueError(f"image_size={image_size} contradicts embed.wpe {flat['embed.wpe'].shape} (patch {patch})")
@@ -145,18 +194,25 @@ def _deit3_jax_to_timm(f: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[st
     return sd
 
 
-def from_deit3_jax(tree: Mapping[str, Any], *, image_size: int | None = None) -> ViT:
-    """A ViT from a deit3-jax param tree (as `read_flax_msgpack` returns it; top key `model`,
-    optionally under `params`). The model uses tanh GELU to reproduce deit3-jax's logits.
-    `image_size` is only needed for sincos2d checkpoints (no `embed.wpe`; default 224).
-    """
+def deit3_jax_state(tree: Mapping[str, Any], *,
+                    image_size: int | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config, checked flat dict in timm naming) of a deit3-jax param tree: what `from_deit3_jax`
+    fills a model from, read and checked without building one (no JAX arrays)."""
     for wrapper in ("params", "model"):
         if wrapper in tree and isinstance(tree[wrapper], Mapping):
             tree = tree[wrapper]
     flat = {k: to_numpy(v, k) for k, v in _flatten(tree).items()}
     cfg = infer_deit3_jax_config(flat, image_size)
     check_keys(flat, deit3_jax_shapes(cfg), "deit3-jax checkpoint")
-    return fill_model(cfg, _deit3_jax_to_timm(flat, cfg))
+    return cfg, _deit3_jax_to_timm(flat, cfg)
 
 
-__all__ = ["deit3_jax_shapes", "from_deit3_jax", "infer_deit3_jax_config", "read_flax_msgpack"]
+def from_deit3_jax(tree: Mapping[str, Any], *, image_size: int | None = None) -> ViT:
+    """A ViT from a deit3-jax param tree (as `read_flax_msgpack` returns it; top key `model`,
+    optionally under `params`). The model uses tanh GELU to reproduce deit3-jax's logits.
+    `image_size` is only needed for sincos2d checkpoints (no `embed.wpe`; default 224).
+    """
+    return fill_model(*deit3_jax_state(tree, image_size=image_size))
+
+
+__all__ = ["deit3_jax_shapes", "deit3_jax_state", "from_deit3_jax", "infer_deit3_jax_config", "read_flax_msgpack"]

@@ -7,8 +7,13 @@ image size, labels, droppath, GELU); only the weights come from the pretrained m
 - the head: with a label mapping, rows dst take pretrained rows src and every other row
   gets zero weight and bias -10 (so unmapped classes start near probability 0); without one,
   a head of another size keeps the target's fresh initialisation.
+
+A run checks all this up front (`check_pretrained`, from `deit.runtime.resolve_paths`): the file
+reads, fits the target key by key and shape by shape, and the label mapping is in range, before
+the run writes anything; the weights are loaded and adapted later, when the state is created.
 """
 
+import dataclasses
 import json
 import numbers
 import os
@@ -21,11 +26,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from deit.config import Config
-from deit.interop import load_model
+from deit.config import Config, ModelConfig
+from deit.interop import load_model, read_weights
 from deit.layers import Linear
 from deit.model import ViT
 from deit.recipes import RECIPES_DIR
+from deit.timm_weights import fmt_keys, timm_shapes
 from deit.treepath import leaf_name
 
 # Fields that change which weights exist or what they mean: no adaptation is possible.
@@ -36,7 +42,8 @@ LABEL_MAPS_DIR = RECIPES_DIR / "label_maps"
 
 def check_label_mapping(mapping: dict, src_labels: int | None = None, dst_labels: int | None = None,
                         what: str = "label_mapping") -> None:
-    """{"src": [...], "dst": [...]}: equal-length int lists, in range, dst without repeats."""
+    """{"src": [...], "dst": [...]}: equal-length int lists, in range (src of the pretrained head,
+    dst of the target head), dst without repeats."""
     if not isinstance(mapping, dict) or not {"src", "dst"} <= set(mapping):
         raise ValueError(f"{what}: expected a JSON object with 'src' and 'dst' lists")
     src, dst = mapping["src"], mapping["dst"]
@@ -45,11 +52,12 @@ def check_label_mapping(mapping: dict, src_labels: int | None = None, dst_labels
             raise ValueError(f"{what}: '{name}' is a {type(xs).__name__}, expected a list of ints")
     if len(src) != len(dst):
         raise ValueError(f"{what}: 'src' has {len(src)} entries but 'dst' has {len(dst)}")
-    for name, xs, limit in (("src", src, src_labels), ("dst", dst, dst_labels)):
+    for name, xs, limit, head in (("src", src, src_labels, "pretrained"), ("dst", dst, dst_labels, "target")):
         for i, x in enumerate(xs):
             # bool is an int subclass: reject it, it is never a class index.
             if not isinstance(x, numbers.Integral) or isinstance(x, bool) or x < 0 or (limit is not None and x >= limit):
-                bound = f"an int in [0, {limit})" if limit is not None else "a non-negative int"
+                bound = f"an int in [0, {limit}) (the {head} head has {limit} labels)" if limit is not None \
+                    else "a non-negative int"
                 raise ValueError(f"{what}: {name}[{i}] = {x!r} is not {bound}")
     seen: dict[int, int] = {}
     for i, x in enumerate(dst):
@@ -162,6 +170,52 @@ def find_pretrained(path: str) -> str:
     also = f" nor our run's checkpoint {ours}" if ours else ""
     raise ValueError(f"pretrained_ckpt={path!r}: no such file{also}; train the pre-training recipe first "
                      "(its default --output-dir is outputs/RUN), or set $GCS_MODEL_DIR / --pretrained-ckpt")
+
+
+def fit_error(pretrained: ModelConfig, target: ModelConfig, flat: dict) -> str | None:
+    """Why weights of `pretrained`'s config (`flat`: its checked timm-named arrays) cannot fine-tune
+    `target`: the first key whose shape differs, else the missing/unexpected keys, else the
+    structural field that differs; each with the fields that differ. None: they fit."""
+    diffs = [f for f in STRUCTURAL if getattr(pretrained, f) != getattr(target, f)]
+    fields = (f" (pretrained {', '.join(f'{f}={getattr(pretrained, f)!r}' for f in diffs)}; "
+              f"model {', '.join(f'{f}={getattr(target, f)!r}' for f in diffs)})") if diffs else ""
+    # The image size and label count may differ (positions are resized, the head mapped or
+    # re-initialised): expect the pretrained grid and labels, the target's everything else.
+    expected = timm_shapes(dataclasses.replace(target, image_size=pretrained.grid * target.patch_size,
+                                               labels=pretrained.labels))
+    for key, shape in expected.items():
+        if key in flat and tuple(flat[key].shape) != tuple(shape):
+            return f"{key} has shape {tuple(flat[key].shape)}, the model needs {tuple(shape)}{fields}"
+    missing, unknown = set(expected) - set(flat), set(flat) - set(expected)
+    if missing or unknown:
+        parts = ([f"missing keys {fmt_keys(missing, 4)}"] if missing else []) + \
+                ([f"unexpected keys {fmt_keys(unknown, 4)}"] if unknown else [])
+        return "; ".join(parts) + fields
+    if diffs:
+        return f"pretrained {diffs[0]}={getattr(pretrained, diffs[0])!r} but the model has " \
+               f"{diffs[0]}={getattr(target, diffs[0])!r}"
+    return None
+
+
+def check_pretrained(path: str, model: ModelConfig, label_mapping: str | None = None) -> None:
+    """What fine-tuning `model` from the weights at `path` needs, checked before a run writes
+    anything (`deit.runtime.resolve_paths`): the file reads (complete, no code, every shape
+    consistent with its config: `deit.interop.read_weights`), it fits `model` key by key and
+    shape by shape (the image size and labels may differ), and `label_mapping`'s indices are in
+    range of both heads. Otherwise a one-line ValueError naming the file (and key or index)."""
+    try:
+        pretrained, flat = read_weights(path, heads=model.heads)  # heads: timm files do not store them
+    except ValueError as e:
+        raise ValueError(f"pretrained_ckpt: {e}") from None
+    problem = fit_error(pretrained, model, flat)
+    if problem:
+        raise ValueError(f"pretrained_ckpt {path} does not fit the model: {problem}; allowed: weights of the same "
+                         f"architecture ({', '.join(STRUCTURAL)}; image_size and labels may differ)")
+    if label_mapping:
+        if model.labels == 0 or pretrained.labels == 0:
+            which = "model" if model.labels == 0 else f"pretrained_ckpt {path}"
+            raise ValueError(f"label_mapping {label_mapping} needs a head on both models, but the {which} has labels=0")
+        load_label_mapping(label_mapping, src_labels=pretrained.labels, dst_labels=model.labels)
 
 
 def load_pretrained(cfg: Config, target: ViT) -> ViT:

@@ -139,6 +139,8 @@ def _normalize_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         sd = {k[len("module."):]: v for k, v in sd.items()}
     out = {}
     for key, value in sd.items():
+        if not isinstance(key, str):
+            raise ValueError(f"state dict key {key!r} is a {type(key).__name__}, expected a str (a parameter name)")
         new = key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
         out[new] = to_numpy(value, key)
     return out
@@ -180,6 +182,8 @@ def infer_timm_config(state_dict: Mapping[str, Any], heads: int | None = None) -
     grid = math.isqrt(n)
     pos = sd["pos_embed"][:, rows - n:]
     head = sd.get("head.weight")
+    if head is not None and head.ndim != 2:
+        raise ValueError(f"head.weight has shape {head.shape}, expected (labels, {dim})")
     return ModelConfig(
         layers=max(blocks) + 1, dim=dim, heads=heads, labels=0 if head is None else head.shape[0],
         layerscale="blocks.0.ls1.gamma" in sd, patch_size=patch, image_size=grid * patch,
@@ -205,13 +209,12 @@ def _fold_prefix_positions(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict[
     return sd
 
 
-def from_timm(state_dict: Mapping[str, Any], cfg: ModelConfig | None = None, *, heads: int | None = None) -> ViT:
-    """A ViT from a timm / DeiT / DeiT-III state dict (torch tensors or arrays; may be wrapped
-    under `model` / `state_dict`). Without `cfg` the config is inferred from keys and shapes.
-
-    Both position layouts load: deit3 (patches only) and vit (cls/dist rows folded into the tokens).
-    Every key and shape is checked against the config: a mismatch is a one-line ValueError.
-    """
+def timm_state(state_dict: Mapping[str, Any], cfg: ModelConfig | None = None, *,
+               heads: int | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config, checked flat dict in deit3 naming) of a timm / DeiT / DeiT-III state dict: what
+    `from_timm` fills a model from, read and checked without building one (no JAX arrays)."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"holds a {type(state_dict).__name__}, expected a state dict (parameter name -> tensor)")
     sd = _normalize_timm(state_dict)
     if cfg is None:
         cfg = infer_timm_config(sd, heads=heads)
@@ -224,8 +227,18 @@ def from_timm(state_dict: Mapping[str, Any], cfg: ModelConfig | None = None, *, 
             raise ValueError("pos_embed differs from the fixed sincos2d table of cfg.posemb='sincos2d'; use posemb='learnable'")
         sd = {k: v for k, v in sd.items() if k != "pos_embed"}
     check_keys(sd, timm_shapes(cfg), "timm state dict")
-    return fill_model(cfg, sd)
+    return cfg, sd
+
+
+def from_timm(state_dict: Mapping[str, Any], cfg: ModelConfig | None = None, *, heads: int | None = None) -> ViT:
+    """A ViT from a timm / DeiT / DeiT-III state dict (torch tensors or arrays; may be wrapped
+    under `model` / `state_dict`). Without `cfg` the config is inferred from keys and shapes.
+
+    Both position layouts load: deit3 (patches only) and vit (cls/dist rows folded into the tokens).
+    Every key and shape is checked against the config: a mismatch is a one-line ValueError.
+    """
+    return fill_model(*timm_state(state_dict, cfg, heads=heads))
 
 
 __all__ = ["STANDARD_HEADS", "check_keys", "fill_model", "fmt_keys", "from_timm", "infer_timm_config", "timm_shapes",
-           "to_numpy", "to_timm"]
+           "timm_state", "to_numpy", "to_timm"]
