@@ -4,8 +4,9 @@ Prints one JSON line per image, in the order given:
 `{"path": ..., "top_k": [{"index": i, "name": ..., "prob": p}, ...]}`, most probable first
 (`name` is null without --class-names). Images are prepared as timm evaluates: the shorter side
 resized bicubically to image_size / crop_ratio, then a center crop of image_size.
-Bad input (missing or unreadable image, bad class-names JSON, unloadable checkpoint) prints one
-line naming it on stderr and exits with status 2, before anything is printed on stdout.
+Bad input (a missing file, a directory, a file PIL cannot decode or a truncated one, bad
+class-names JSON, an unloadable checkpoint) prints one line naming it on stderr and exits with
+status 2, before anything is printed on stdout.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def read_class_names(path: str, labels: int) -> list[str | None]:
@@ -55,13 +56,20 @@ def load_image(path: str, size: int, crop_ratio: float) -> np.ndarray:
     from deit.crop import eval_crop
 
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"cannot read image {path}: no such file")
+    if p.is_dir():
+        raise ValueError(f"cannot read image {path}: a directory, not an image file")
+    if not p.is_file():  # missing, or a device / pipe (which would block or never end)
+        raise ValueError(f"cannot read image {path}: {'not a regular file' if p.exists() else 'no such file'}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"cannot read image {path}: an empty file")
     try:
         with Image.open(p) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
-    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError...)
+    except UnidentifiedImageError:  # its message repeats the path
+        raise ValueError(f"cannot read image {path}: not in an image format PIL decodes "
+                         f"(UnidentifiedImageError)") from None
+    except Exception as e:  # PIL raises many kinds (OSError for a truncated file, SyntaxError...)
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return eval_crop(img, size, crop_ratio)
 

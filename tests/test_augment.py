@@ -20,7 +20,6 @@ from timm.data import auto_augment as taa
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
 from deit import augment as A
-from deit import erasing as E
 from deit import imageops as O
 from deit import mixing as M
 from deit import perdevice
@@ -160,21 +159,7 @@ def test_train_transform_uses_configured_geometric_fill(name):
     assert RA.parse_rand_augment(cfg.auto_augment).fill == O.FILL  # timm's rule unless told
 
 
-def test_public_functions_accept_numpy():
-    a = PHOTOS["coffee97x131"]
-    k = jax.random.key(0)
-    cfg = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3, random_erasing=1.0)
-    ra = RA.parse_rand_augment(cfg.auto_augment)
-    for f in (O.equalize, O.hflip, lambda x: O.rotate(x, 10.0), lambda x: A.random_hflip(k, x),
-              lambda x: RA.rand_augment(ra, k, x), lambda x: A.three_augment(k, x), lambda x: A.color_jitter(k, x),
-              lambda x: E.random_erasing(k, x, 1.0, "torchvision"), lambda x: A.augment_one(cfg, k, x),
-              lambda x: E.erase(x, (1, 2, 3, 4), np.zeros(x.shape, np.float32))):
-        for x in (a, a.astype(np.float32)):
-            np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(f(jnp.asarray(x))))
-    b = np.stack([a, a])
-    np.testing.assert_array_equal(np.asarray(A.train_transform(cfg, k, b)),
-                                  np.asarray(A.train_transform(cfg, k, jnp.asarray(b))))
-    np.testing.assert_array_equal(np.asarray(A.eval_transform(b)), np.asarray(normalize(jnp.asarray(b))))
+# numpy inputs and Python / numpy scalars, for every public function: tests/test_numpy_inputs.py
 
 
 def test_rejects_bad_shapes():

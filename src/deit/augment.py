@@ -34,31 +34,33 @@ from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
 from deit.config import AugmentConfig
 from deit.erasing import random_erasing
-from deit.imageops import FILL, Image, Out, brightness, color, contrast, gaussian_blur, grayscale, hflip, solarize
+from deit.imageops import (FILL, Image, Number, Out, Scalar, brightness, color, contrast, gaussian_blur, grayscale,
+                           hflip, solarize)
 from deit.model import normalize
 from deit.perdevice import PerImage, map_images, per_device
-from deit.randaugment import GEOMETRIC_FILLS, parse_rand_augment, rand_augment
+from deit.randaugment import GEOMETRIC_FILLS, Params, parse_rand_augment, rand_augment
 
-Images = UInt8[Array, "b h w 3"] | UInt8[np.ndarray, "b h w 3"]
+Images = UInt8[Array | np.ndarray, "b h w 3"]
 
 
 # ----------------------------------------------------------------------------- 3-Augment, jitter, flip
 
 
-def sample_three_augment(key: PRNGKeyArray, sigma_range: tuple[float, float] = (0.1, 2.0)) -> dict[str, jax.Array]:
+def sample_three_augment(key: PRNGKeyArray, sigma_range: tuple[Number, Number] = (0.1, 2.0)) -> dict[str, jax.Array]:
     """3-Augment's choice (0 grayscale, 1 solarize, 2 blur, uniform) and blur sigma."""
     k_choice, k_sigma = jax.random.split(key)
-    return dict(choice=jax.random.randint(k_choice, (), 0, 3),
-                sigma=jax.random.uniform(k_sigma, minval=sigma_range[0], maxval=sigma_range[1]))
+    lo, hi = (float(v) for v in sigma_range)
+    return dict(choice=jax.random.randint(k_choice, (), 0, 3), sigma=jax.random.uniform(k_sigma, minval=lo, maxval=hi))
 
 
-def apply_three_augment(params: dict[str, jax.Array], image: Image, max_sigma: float = 2.0) -> Out:
+def apply_three_augment(params: Params, image: Image, max_sigma: Number = 2.0) -> Out:
+    params = {k: jnp.asarray(v) for k, v in params.items()}
     branches = [lambda x, s: grayscale(x), lambda x, s: solarize(x, 128),
-                lambda x, s: gaussian_blur(x, s, max_sigma=max_sigma)]
+                lambda x, s: gaussian_blur(x, s, max_sigma=float(max_sigma))]
     return jax.lax.switch(params["choice"], branches, jnp.asarray(image, jnp.float32), params["sigma"])
 
 
-def three_augment(key: PRNGKeyArray, image: Image, sigma_range: tuple[float, float] = (0.1, 2.0)) -> Out:
+def three_augment(key: PRNGKeyArray, image: Image, sigma_range: tuple[Number, Number] = (0.1, 2.0)) -> Out:
     """DeiT-III 3-Augment (timm's '3a'): one of grayscale, solarize (threshold 128) or Gaussian
     blur (PIL GaussianBlur, sigma uniform in `sigma_range`), chosen uniformly."""
     return apply_three_augment(sample_three_augment(key, sigma_range), image, max_sigma=sigma_range[1])
@@ -67,20 +69,21 @@ def three_augment(key: PRNGKeyArray, image: Image, sigma_range: tuple[float, flo
 _JITTER_OPS = (brightness, contrast, color)
 
 
-def sample_color_jitter(key: PRNGKeyArray, brightness_: float = 0.0, contrast_: float = 0.0,
-                        saturation: float = 0.0) -> dict[str, jax.Array]:
+def sample_color_jitter(key: PRNGKeyArray, brightness_: Number = 0.0, contrast_: Number = 0.0,
+                        saturation: Number = 0.0) -> dict[str, jax.Array]:
     """torchvision ColorJitter.get_params: factors uniform in [max(0, 1 - v), 1 + v] for
     brightness, contrast, saturation (1 when v = 0: skipped), and a random order of the three."""
     k_order, *k_f = jax.random.split(key, 4)
     factors = [jax.random.uniform(k, minval=max(0.0, 1.0 - v), maxval=1.0 + v) if v > 0 else jnp.float32(1.0)
-               for k, v in zip(k_f, (brightness_, contrast_, saturation))]
+               for k, v in zip(k_f, (float(brightness_), float(contrast_), float(saturation)))]
     return dict(factors=jnp.stack(factors), order=jax.random.permutation(k_order, 3))
 
 
-def apply_color_jitter(params: dict[str, jax.Array], image: Image,
+def apply_color_jitter(params: Params, image: Image,
                        enabled: tuple[bool, bool, bool] = (True, True, True)) -> Out:
     """Apply brightness / contrast / saturation (PIL ImageEnhance) in `order`; a disabled one is
     skipped (torchvision skips an op whose range is the single value 1)."""
+    params = {k: jnp.asarray(v) for k, v in params.items()}
     x = jnp.asarray(image, jnp.float32)
     branches = [(lambda j: (lambda img, f: _JITTER_OPS[j](img, f[j])) if enabled[j] else (lambda img, f: img))(j)
                 for j in range(3)]
@@ -89,16 +92,17 @@ def apply_color_jitter(params: dict[str, jax.Array], image: Image,
     return x
 
 
-def color_jitter(key: PRNGKeyArray, image: Image, brightness_: float = 0.0, contrast_: float = 0.0,
-                 saturation: float = 0.0) -> Out:
+def color_jitter(key: PRNGKeyArray, image: Image, brightness_: Number = 0.0, contrast_: Number = 0.0,
+                 saturation: Number = 0.0) -> Out:
     """torchvision ColorJitter(brightness, contrast, saturation) on a PIL image."""
+    brightness_, contrast_, saturation = float(brightness_), float(contrast_), float(saturation)
     if brightness_ <= 0 and contrast_ <= 0 and saturation <= 0:
         return jnp.asarray(image, jnp.float32)
     params = sample_color_jitter(key, brightness_, contrast_, saturation)
     return apply_color_jitter(params, image, (brightness_ > 0, contrast_ > 0, saturation > 0))
 
 
-def random_hflip(key: PRNGKeyArray, image: Image, p: float = 0.5) -> Out:
+def random_hflip(key: PRNGKeyArray, image: Image, p: Scalar = 0.5) -> Out:
     x = jnp.asarray(image, jnp.float32)
     return jnp.where(jax.random.uniform(key) < p, hflip(x), x)
 

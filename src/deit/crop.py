@@ -5,8 +5,8 @@ pixels, as in timm), so it belongs here rather than on the device. Every random 
 comes from the `numpy.random.Generator` the loader passes in, derived from the seed, the
 epoch and the sample index, so crops are reproducible and resumable.
 
-Images are uint8 [H, W, 3] arrays (the loader's decoder output; a PIL image is accepted too)
-and a crop is a view of the decoded array. `resize` is Pillow's bicubic resize (the
+Images are uint8 [H, W, 3] numpy arrays (the loader's decoder output; a jax array or a PIL image
+is accepted too, and made one) and a crop is a view of the decoded array. `resize` is Pillow's bicubic resize (the
 interpolation torchvision uses on PIL images: Catmull-Rom, a = -0.5, the kernel widened by the
 scale factor when downscaling, i.e. antialiased) recomputed with Pillow's own coefficients and
 pass order as two sparse float32 matrix products: about a quarter less time than Pillow's scalar
@@ -17,19 +17,24 @@ loops. Pillow rounds in 22-bit fixed point and we in float32, so an output value
 import functools
 import math
 
+import jax
 import numpy as np
 import scipy.sparse
 from PIL import Image
 
+ImageArray = np.ndarray | jax.Array  # uint8 [H, W, 3]; made a numpy array on entry
+Number = int | float | np.integer | np.floating  # Python or numpy
 
-def rrc_box(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+
+def rrc_box(rng: np.random.Generator, width: int, height: int, scale: tuple[Number, Number] = (0.08, 1.0),
+            ratio: tuple[Number, Number] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """RandomResizedCrop box (left, top, width, height), torchvision's sampling rule.
 
     Area uniform in `scale` of the image, aspect log-uniform in `ratio`; 10 tries, then a
     center crop clamped to `ratio`.
     """
     area = width * height
+    scale, ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
@@ -50,10 +55,12 @@ def rrc_box(rng: np.random.Generator, width: int, height: int, scale: tuple[floa
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def as_rgb_array(img: "np.ndarray | Image.Image") -> np.ndarray:
-    """uint8 [H, W, 3]: arrays pass through, PIL images are converted to RGB."""
+def as_rgb_array(img: "ImageArray | Image.Image") -> np.ndarray:
+    """uint8 [H, W, 3]: numpy arrays pass through, jax arrays become numpy ones, PIL images are
+    converted to RGB."""
     if isinstance(img, Image.Image):
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"image of shape {img.shape} and dtype {img.dtype}: expected uint8 [H, W, 3]")
     return img
@@ -109,9 +116,10 @@ def _resample_rows(m: scipy.sparse.csr_array, a: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255, out=out).reshape(-1, k, c)
 
 
-def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize(img: ImageArray, width: int, height: int) -> np.ndarray:
     """Bicubic resize of a uint8 [H, W, 3] array (a view is fine) to [height, width, 3], as
     Pillow's Image.resize(BICUBIC) computes it (module docstring)."""
+    img = np.asarray(img)
     h, w = img.shape[:2]
     if (w, h) == (width, height):
         return img
@@ -128,7 +136,8 @@ def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
+def resize_shorter(img: ImageArray, size: int) -> np.ndarray:
+    img = np.asarray(img)
     h, w = img.shape[:2]
     if min(w, h) == size:
         return img
@@ -137,13 +146,14 @@ def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
     return resize(img, max(1, int(size * w / h)), size)
 
 
-def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+def center_crop(img: ImageArray, size: int) -> np.ndarray:
+    img = np.asarray(img)
     h, w = img.shape[:2]
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return img[top:top + size, left:left + size]
 
 
-def simple_random_crop(rng: np.random.Generator, img: np.ndarray, size: int, pad: int = 4) -> np.ndarray:
+def simple_random_crop(rng: np.random.Generator, img: ImageArray, size: int, pad: int = 4) -> np.ndarray:
     """DeiT-III 'src': resize the shorter side to `size`, reflect-pad 4, random size x size crop."""
     arr = np.pad(resize_shorter(img, size), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
     top = int(rng.integers(0, arr.shape[0] - size + 1))
@@ -151,7 +161,7 @@ def simple_random_crop(rng: np.random.Generator, img: np.ndarray, size: int, pad
     return arr[top:top + size, left:left + size]
 
 
-def train_crop(rng: np.random.Generator, img: "np.ndarray | Image.Image", size: int, mode: str) -> np.ndarray:
+def train_crop(rng: np.random.Generator, img: "ImageArray | Image.Image", size: int, mode: str) -> np.ndarray:
     """uint8 [size, size, 3] for a `random_crop` mode, as deit3-jax's torchvision pipeline:
     'rrc' RandomResizedCrop (bicubic), 'src' Simple Random Crop, 'none' resize the shorter side
     (bicubic) + center crop."""
@@ -169,8 +179,9 @@ def train_crop(rng: np.random.Generator, img: "np.ndarray | Image.Image", size: 
     raise ValueError(f"random_crop={mode!r}: allowed 'rrc', 'src', 'none'")
 
 
-def eval_crop(img: "np.ndarray | Image.Image", size: int, crop_ratio: float) -> np.ndarray:
+def eval_crop(img: "ImageArray | Image.Image", size: int, crop_ratio: Number) -> np.ndarray:
     """Resize the shorter side to size / crop_ratio (bicubic), then center crop `size`."""
+    crop_ratio = float(crop_ratio)
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"test_crop_ratio={crop_ratio}: must be in (0, 1]")
     return center_crop(resize_shorter(as_rgb_array(img), int(math.floor(size / crop_ratio))), size)

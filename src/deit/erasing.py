@@ -12,9 +12,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Real
 
-from deit.imageops import Image, Out
+from deit.imageops import Image, Number, Out, Scalar
 
 
 # Box constants per mode (min_area, max_area, min_aspect, max_aspect): timm's RandomErasing
@@ -24,8 +24,8 @@ ERASE_BOX: dict[str, tuple[float, float, float, float]] = {
     "pixel": (0.02, 1 / 3, 0.3, 1 / 0.3), "torchvision": (0.02, 0.33, 0.3, 3.3)}
 
 
-def erase_box(key: PRNGKeyArray, h: int, w: int, min_area: float = 0.02, max_area: float = 1 / 3,
-              min_aspect: float = 0.3, max_aspect: float | None = None,
+def erase_box(key: PRNGKeyArray, h: int, w: int, min_area: Number = 0.02, max_area: Number = 1 / 3,
+              min_aspect: Number = 0.3, max_aspect: Number | None = None,
               attempts: int = 10) -> tuple[Int[Array, "4"], jax.Array]:
     """Random erasing's box, timm's and torchvision's rule: (top, left, height, width) and
     whether any of `attempts` fit.
@@ -36,7 +36,8 @@ def erase_box(key: PRNGKeyArray, h: int, w: int, min_area: float = 0.02, max_are
     uniformly among the positions that keep it inside. The attempts are drawn at once (same
     distribution as the libraries' loop, which stops at the first fit).
     """
-    max_aspect = max_aspect or 1 / min_aspect
+    min_area, max_area, min_aspect = float(min_area), float(max_area), float(min_aspect)
+    max_aspect = float(max_aspect) if max_aspect else 1 / min_aspect
     k_area, k_aspect, k_top, k_left = jax.random.split(key, 4)
     area = jax.random.uniform(k_area, (attempts,), minval=min_area, maxval=max_area) * (h * w)
     aspect = jnp.exp(jax.random.uniform(k_aspect, (attempts,), minval=math.log(min_aspect), maxval=math.log(max_aspect)))
@@ -50,15 +51,15 @@ def erase_box(key: PRNGKeyArray, h: int, w: int, min_area: float = 0.02, max_are
     return jnp.stack([top, left, bh, bw]), ok.any()
 
 
-def torch_uint8_cast(z: Float[Array, "*s"] | Float[np.ndarray, "*s"]) -> Float[Array, "*s"]:
+def torch_uint8_cast(z: Float[ArrayLike, "*s"]) -> Float[Array, "*s"]:
     """What a float32 value becomes when torch stores it into a uint8 tensor (torchvision's erase
     of a uint8 image): cast through int64, i.e. truncated toward zero, then wrapped modulo 256
     (0.7 -> 0, -0.7 -> 0, 1.5 -> 1, -1.5 -> 255, -2.2 -> 254). Returned as float levels."""
     return jnp.bitwise_and(jnp.trunc(jnp.asarray(z, jnp.float32)).astype(jnp.int32), 255).astype(jnp.float32)
 
 
-def erase(image: Image, box: Int[Array, "4"] | tuple[int, int, int, int],
-          values: Float[Array, "h w 3"] | Float[np.ndarray, "h w 3"]) -> Out:
+def erase(image: Image, box: Int[Array | np.ndarray, "4"] | tuple[Scalar, Scalar, Scalar, Scalar],
+          values: Real[Array | np.ndarray, "h w 3"]) -> Out:
     """`image` with its box (top, left, height, width) replaced by the same pixels of `values`."""
     top, left, bh, bw = (jnp.asarray(box)[i] for i in range(4))
     x = jnp.asarray(image, jnp.float32)
@@ -67,7 +68,7 @@ def erase(image: Image, box: Int[Array, "4"] | tuple[int, int, int, int],
     return jnp.where(inside[..., None], jnp.asarray(values, jnp.float32), x)
 
 
-def random_erasing(key: PRNGKeyArray, image: Image, p: float = 0.25,
+def random_erasing(key: PRNGKeyArray, image: Image, p: Scalar = 0.25,
                    mode: Literal["pixel", "torchvision"] = "pixel") -> Out:
     """Random erasing of one box (see `erase_box`, constants `ERASE_BOX[mode]`) with probability
     p, filled with per-pixel, per-channel N(0, 1) noise.

@@ -3,7 +3,8 @@
 Named as timm / PIL name them, and faithful to PIL (the implementation timm's RandAugment,
 3-Augment and torchvision's ColorJitter call): every op rounds like PIL's C code does, so a
 uint8 image stays on the integer grid and a chain of ops tracks PIL's chain of uint8 images.
-Input may be uint8 or float (same [0, 255] range); output is always float32 in [0, 255].
+Input may be uint8 or float (same [0, 255] range), a jax or a numpy array; numbers may be Python
+or numpy numbers or 0-d arrays. Output is always a float32 jax array in [0, 255].
 
 Facts of PIL the ops reproduce (Pillow's libImaging, read not copied):
 - `Image.blend` (all ImageEnhance ops): trunc(a + alpha * (b - a)) in float32, clipped to [0, 255].
@@ -49,14 +50,18 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, UInt8
+from jaxtyping import Array, ArrayLike, Float, Int, Real, UInt8
 
 from deit.model import IMAGENET_MEAN
 
-Image = UInt8[Array, "h w 3"] | Float[Array, "h w 3"] | UInt8[np.ndarray, "h w 3"] | Float[np.ndarray, "h w 3"]
+# Inputs admit numpy as jax.numpy does; outputs are jax arrays.
+Image = UInt8[Array | np.ndarray, "h w 3"] | Float[Array | np.ndarray, "h w 3"]
 Out = Float[Array, "h w 3"]
-Scalar = float | int | Float[Array, ""] | Int[Array, ""]
-Fill = tuple[int | float, int | float, int | float] | Float[Array, "3"]
+Number = int | float | np.integer | np.floating
+"""A concrete number (Python or numpy) that configures an op: a range end, a bound, a fraction."""
+Scalar = Real[ArrayLike, ""]
+"""A number an op may trace: Python or numpy number, or a 0-d jax / numpy array."""
+Fill = tuple[Number, Number, Number] | Real[Array | np.ndarray, "3"]
 
 # Fill colour of the geometric ops (the ops' default, which the PIL parity tests use): timm's
 # create_transform passes round(255 * ImageNet mean) to RandAugment.
@@ -111,7 +116,7 @@ def solarize(image: Image, threshold: Scalar = 128) -> Out:
 def solarize_add(image: Image, add: Scalar, threshold: Scalar = 128) -> Out:
     """timm's SolarizeAdd: add `add` to the pixels < threshold, clipped at 255."""
     x = _f32(image)
-    return jnp.where(x < jnp.asarray(threshold, jnp.float32), jnp.minimum(x + add, 255.0), x)
+    return jnp.where(x < jnp.asarray(threshold, jnp.float32), jnp.minimum(x + jnp.asarray(add, jnp.float32), 255.0), x)
 
 
 def auto_contrast(image: Image) -> Out:
@@ -211,7 +216,7 @@ def _cubic(v1, v2, v3, v4, d):
     return v2 + d * (p2 + d * (p3 + d * p4))
 
 
-def affine(image: Image, coeffs: Float[Array, "6"] | tuple[int | float, ...], fill: Fill = FILL,
+def affine(image: Image, coeffs: Real[Array | np.ndarray, "6"] | tuple[Scalar, ...], fill: Fill = FILL,
            resample: Literal["bilinear", "bicubic"] = "bilinear") -> Out:
     """PIL Image.transform(size, AFFINE, coeffs, BILINEAR or BICUBIC, fillcolor=fill).
 
@@ -331,14 +336,14 @@ def _box_blur_pass(q: Int[Array, "..."], radius: Float[Array, ""], axis: int, re
     return (bulk >> 24).astype(jnp.int32)
 
 
-def gaussian_blur(image: Image, sigma: Scalar, max_sigma: float | None = None) -> Out:
+def gaussian_blur(image: Image, sigma: Scalar, max_sigma: Number | None = None) -> Out:
     """ImageFilter.GaussianBlur(radius=sigma): Pillow's 3-pass extended box blur, bit for bit.
 
-    A traced `sigma` needs a static upper bound `max_sigma` (default 2.0, DeiT-III's range);
-    a Python number is its own bound.
+    A jax `sigma` (maybe traced) needs a static upper bound `max_sigma` (default 2.0, DeiT-III's
+    range); a Python or numpy number is its own bound.
     """
     if max_sigma is None:
-        max_sigma = float(sigma) if isinstance(sigma, (int, float)) else 2.0
+        max_sigma = 2.0 if isinstance(sigma, jax.Array) else float(sigma)
     reach = int(math.floor(_box_radius(float(max_sigma), np=math)))
     q = _u8(image)
     radius = _box_radius(jnp.minimum(jnp.asarray(sigma, jnp.float32), max_sigma))
@@ -348,7 +353,8 @@ def gaussian_blur(image: Image, sigma: Scalar, max_sigma: float | None = None) -
 
 
 __all__ = [
-    "DEIT3_JAX_FILL", "FILL", "affine", "auto_contrast", "brightness", "color", "contrast", "equalize", "gaussian_blur",
-    "grayscale", "hflip", "invert", "luma", "posterize", "rotate", "rotate_coeffs", "sharpness", "shear_x",
-    "shear_y", "smooth", "solarize", "solarize_add", "translate_x", "translate_y",
+    "DEIT3_JAX_FILL", "FILL", "Fill", "Image", "Number", "Out", "Scalar", "affine", "auto_contrast", "brightness",
+    "color", "contrast", "equalize", "gaussian_blur", "grayscale", "hflip", "invert", "luma", "posterize", "rotate",
+    "rotate_coeffs", "sharpness", "shear_x", "shear_y", "smooth", "solarize", "solarize_add", "translate_x",
+    "translate_y",
 ]

@@ -6,26 +6,28 @@ stays free of cross-device traffic, as timm under DDP and deit3-jax under pmap.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from deit.config import AugmentConfig, LossConfig
+from deit.imageops import Scalar
 from deit.perdevice import per_device
 
 
-def one_hot_targets(loss: LossConfig, labels: Int[Array, " b"], num_labels: int) -> Float[Array, "b c"]:
+def one_hot_targets(loss: LossConfig, labels: Int[Array | np.ndarray, " b"], num_labels: int) -> Float[Array, "b c"]:
     """One-hot targets; label smoothing for the ce criterion (deit3-jax applies none with bce).
 
     Smoothing as timm's: off = eps / C, on = 1 - eps + eps / C.
     """
-    t = jax.nn.one_hot(labels, num_labels, dtype=jnp.float32)
+    t = jax.nn.one_hot(jnp.asarray(labels), num_labels, dtype=jnp.float32)
     eps = loss.target_smoothing
     return t * (1.0 - eps) + eps / num_labels
 
 
-def cutmix_box(key: PRNGKeyArray, lam: Float[Array, ""], h: int, w: int) -> tuple[Int[Array, "4"], Float[Array, ""]]:
+def cutmix_box(key: PRNGKeyArray, lam: Scalar, h: int, w: int) -> tuple[Int[Array, "4"], Float[Array, ""]]:
     """timm's rand_bbox + correct_lam: a box of side int(sqrt(1 - lam) * side) centred uniformly,
     clipped to the image: (y0, y1, x0, x1) and the corrected lam = 1 - box area / (h w)."""
-    cut = jnp.sqrt(1.0 - lam)
+    cut = jnp.sqrt(1.0 - jnp.asarray(lam, jnp.float32))
     ch, cw = jnp.floor(h * cut).astype(jnp.int32), jnp.floor(w * cut).astype(jnp.int32)
     k_y, k_x = jax.random.split(key)
     cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
@@ -60,8 +62,8 @@ def _mix_local(cfg: AugmentConfig, key, images, targets):
     return mixed, lam * targets + (1.0 - lam) * partner_t
 
 
-def mixup_cutmix(cfg: AugmentConfig, key: PRNGKeyArray, images: Float[Array, "b h w c"],
-                 targets: Float[Array, "b n"]) -> tuple[Float[Array, "b h w c"], Float[Array, "b n"]]:
+def mixup_cutmix(cfg: AugmentConfig, key: PRNGKeyArray, images: Float[Array | np.ndarray, "b h w c"],
+                 targets: Float[Array | np.ndarray, "b n"]) -> tuple[Float[Array, "b h w c"], Float[Array, "b n"]]:
     """Batch-level Mixup or CutMix (each with probability 0.5 when both are on), timm's rules.
 
     Mixup partners are chosen WITHIN each device's slice of the batch: image i of a slice is
@@ -75,6 +77,7 @@ def mixup_cutmix(cfg: AugmentConfig, key: PRNGKeyArray, images: Float[Array, "b 
     `one_hot_targets`, 'bce' ones none, and the bce loss thresholds them (> 0) itself, as
     deit3-jax and DeiT-III do (the soft weights still tell the dominant label to metrics).
     """
+    images, targets = jnp.asarray(images), jnp.asarray(targets)
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return images, targets
 

@@ -214,9 +214,33 @@ def _predict(model: ViT, images: Array) -> Array:
     return model(normalize(images))
 
 
-def predict(model: ViT, images: UInt8[Array, "b h w 3"] | UInt8[np.ndarray, "b h w 3"]) -> Float[Array, "b c"]:
-    """Logits for uint8 images [B, H, W, 3]: normalisation and eval mode inside."""
-    images = jnp.asarray(images)
-    if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"predict expects uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    return _predict(eqx.nn.inference_mode(model), images)
+def _check_images(cfg: ModelConfig, images: Any) -> None:
+    """One ValueError naming what is wrong with `images` for a model of `cfg`, before tracing."""
+    shape, dtype = tuple(np.shape(images)), np.dtype(images.dtype)
+    if len(shape) != 4 or shape[-1] != 3:
+        hint = " (one image: add a batch axis, images[None])" if len(shape) == 3 and shape[-1] == 3 else ""
+        raise ValueError(f"images of shape {shape}: expected [B, H, W, 3], a batch of RGB images{hint}")
+    if dtype != np.uint8:
+        raise ValueError(f"images of dtype {dtype}: only uint8 is allowed (values 0..255; predict normalises "
+                         f"them itself)")
+    if 0 in shape:
+        raise ValueError(f"images of shape {shape}: empty")
+    _, h, w, _ = shape
+    p = cfg.patch_size
+    if cfg.posemb == "learnable" and (h, w) != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"image size {h}x{w} does not match this model's image_size={cfg.image_size} (learnable "
+                         f"position embedding for a {cfg.grid}x{cfg.grid} grid); resize the images to "
+                         f"{cfg.image_size}x{cfg.image_size} or fine-tune at the new size")
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size={p} (this sincos2d model predicts at "
+                         f"any size that is)")
+
+
+def predict(model: ViT, images: Array | np.ndarray) -> Float[Array, "b c"]:
+    """Logits for uint8 images [B, H, W, 3] (jax or numpy): normalisation and eval mode inside.
+
+    A learnable-position model takes its own image_size; a sincos2d one any size divisible by
+    the patch size. Anything else is one ValueError naming it.
+    """
+    _check_images(model.cfg, images)
+    return _predict(eqx.nn.inference_mode(model), jnp.asarray(images))

@@ -15,6 +15,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
@@ -50,8 +51,10 @@ def per_device(fn: Callable, replicated: tuple, sharded: tuple):
 
     Under a mesh that shards the batch (see `_batch_axes`) this is a `jax.shard_map`: each
     device works on its own slice and nothing crosses devices; otherwise fn sees the whole
-    batch with device_index 0. `replicated` arguments (keys) are passed whole.
+    batch with device_index 0. `replicated` arguments (keys) are passed whole. Arguments may be
+    numpy arrays or numbers: fn gets jax arrays.
     """
+    replicated, sharded = (tuple(jnp.asarray(a) for a in args) for args in (replicated, sharded))
     mesh, axes = _batch_axes(sharded[0])
     if not axes:
         return fn(jnp.int32(0), *replicated, *sharded)
@@ -63,12 +66,13 @@ def per_device(fn: Callable, replicated: tuple, sharded: tuple):
         *replicated, *sharded)
 
 
-def map_images(fn: Callable, keys: jax.Array, images: jax.Array, per_image: PerImage = "auto"):
+def map_images(fn: Callable, keys: jax.Array, images: jax.Array | np.ndarray, per_image: PerImage = "auto"):
     """fn(key, image) for each image: 'map' one at a time (real branches), 'vmap' chunks of
     ACCELERATOR_CHUNK (every branch, in parallel), 'auto' 'map' on CPU and 'vmap' elsewhere."""
     if per_image not in ("auto", "map", "vmap"):
         raise ValueError(f"per_image={per_image!r}: allowed 'auto', 'map', 'vmap'")
     mode = per_image if per_image != "auto" else ("map" if jax.default_backend() == "cpu" else "vmap")
+    images = jnp.asarray(images)
     chunk = None if mode == "map" else min(ACCELERATOR_CHUNK, images.shape[0])
     return jax.lax.map(lambda a: fn(*a), (keys, images), batch_size=chunk)
 

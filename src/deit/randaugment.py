@@ -13,11 +13,15 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
 from deit import imageops
-from deit.imageops import (DEIT3_JAX_FILL, FILL, Image, Out, Scalar, affine, auto_contrast, brightness, color, contrast,
-                           equalize, invert, posterize, sharpness, solarize, solarize_add)
+from deit.imageops import (DEIT3_JAX_FILL, FILL, Fill, Image, Out, Scalar, affine, auto_contrast, brightness, color,
+                           contrast, equalize, invert, posterize, sharpness, solarize, solarize_add)
+
+Params = dict[str, Array | np.ndarray]
+"""Random draws of a policy (`sample_*`), as jax or numpy arrays."""
 
 _LEVEL_DENOM = 10.0
 RAND_TRANSFORMS = (
@@ -106,8 +110,8 @@ def _negate(v, negate):
     return jnp.where(negate, -v, v)
 
 
-def op_argument(name: str, magnitude: Scalar, negate: bool | jax.Array, h: int, w: int,
-                translate_pct: float = 0.45) -> Float[Array, ""]:
+def op_argument(name: str, magnitude: Scalar, negate: Bool[ArrayLike, ""], h: int, w: int,
+                translate_pct: Scalar = 0.45) -> Float[Array, ""]:
     """timm's level-to-argument rule for op `name` at `magnitude` (0..10 scale), with its random
     sign (`negate`) for the signed ops; h, w: image size for the relative translations."""
     lv = jnp.asarray(magnitude, jnp.float32) / _LEVEL_DENOM
@@ -156,7 +160,7 @@ def _geometric_coeffs(name: str, arg, h: int, w: int):
 
 
 def apply_op(name: str, image: Image, arg: Scalar, resample: Literal["bilinear", "bicubic"] = "bilinear",
-             fill: tuple[int, int, int] = FILL) -> Out:
+             fill: Fill = FILL) -> Out:
     """Apply timm op `name` with its argument (as `op_argument` returns it); geometric ops fill
     with `fill`."""
     if name in _GEOMETRIC:
@@ -204,12 +208,13 @@ def sample_rand_augment(ra: RandAugment, key: PRNGKeyArray) -> dict[str, jax.Arr
     )
 
 
-def apply_rand_augment(ra: RandAugment, params: dict[str, jax.Array], image: Image) -> Out:
+def apply_rand_augment(ra: RandAugment, params: Params, image: Image) -> Out:
     """Run the layers chosen by `sample_rand_augment`.
 
     All geometric ops share a branch per resampling (one warp whose coefficients depend on the
     op), so a vmapped switch runs one or two warps per layer, not five or ten.
     """
+    params = {k: jnp.asarray(v) for k, v in params.items()}
     x = jnp.asarray(image, jnp.float32)
     h, w = x.shape[0], x.shape[1]
     geo = [i for i, o in enumerate(ra.ops) if o in _GEOMETRIC]
@@ -253,6 +258,6 @@ def rand_augment(ra: RandAugment, key: PRNGKeyArray, image: Image) -> Out:
 
 
 __all__ = [
-    "GEOMETRIC_FILLS", "RAND_INCREASING_TRANSFORMS", "RAND_TRANSFORMS", "RandAugment", "apply_op", "apply_rand_augment",
-    "op_argument", "parse_rand_augment", "rand_augment", "sample_rand_augment",
+    "GEOMETRIC_FILLS", "Params", "RAND_INCREASING_TRANSFORMS", "RAND_TRANSFORMS", "RandAugment", "apply_op",
+    "apply_rand_augment", "op_argument", "parse_rand_augment", "rand_augment", "sample_rand_augment",
 ]
