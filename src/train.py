@@ -10,6 +10,7 @@ on N fake CPU devices (`deit.memory`). `main(argv, hooks)` runs in-process; `hoo
 import contextlib
 import io
 import json
+import os
 import re
 import sys
 import typing
@@ -85,13 +86,28 @@ def main(argv: list[str] | None = None, hooks=None) -> None:
                 sys.exit(2 if isinstance(e, ValueError) else 1)
         print(json.dumps(info))
         return
+    from deit.checkpoint import WriteError
+    from deit.runtime import HostTimeout
     from deit.trainer import train  # heavy imports only when training
 
     try:
         train(cfg, hooks)
+    except HostTimeout as e:  # another process is gone: exit now, not at jax's shutdown barrier
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     except ValueError as e:  # bad config or data found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (WriteError, OSError) as e:  # e.g. a full disk; checkpoints are atomic, earlier ones intact
+        msg = str(e)
+        if isinstance(e, OSError):
+            where = f" ({e.filename})" if e.filename else ""
+            msg = (f"{e.strerror or e}{where}; the checkpoints written before it are intact (fix it, then run the "
+                   "same command again to resume)")
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # not sys.exit: aim's exit-time cleanup would wait forever on a full disk
     except RuntimeError as e:  # a run that cannot go on (e.g. non-finite losses); checkpoints intact
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -179,3 +179,19 @@ def test_marked_blocks_run(tmp_path):
     probs = [t["prob"] for t in top]
     assert len(top) == 3 and probs == sorted(probs, reverse=True) and all(0 < p < 1 for p in probs)
     assert (tmp_path / "ti16.pth").is_file()
+
+
+def test_reliability_table_is_the_tests_matrix():
+    from matrix import collect, table
+
+    marker = "<!-- reliability table: python tests/matrix.py -->\n"
+    text = README
+    assert marker in text
+    rows = []
+    for ln in text.split(marker, 1)[1].splitlines():
+        if not ln.startswith("|"):
+            break
+        rows.append(ln)
+    cases = collect()
+    assert "\n".join(rows) == table(cases)
+    assert {c.kind for c in cases} >= {"output dir", "shards", "sample", "weights", "images", "fault", "config"}

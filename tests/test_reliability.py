@@ -15,12 +15,29 @@ from safetensors.numpy import load_file
 
 from deit import checkpoint
 from deit.data.prepare import digit_image, encode_png, write_shard
+from matrix import Case
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 import train as train_cli  # noqa: E402
 
 TINY = ["recipes:tiny-digits", "--no-progress", "--layers", "2", "--dim", "32", "--heads", "2"]
+
+MATRIX = [
+    Case("fault", "kill -9 after a step, during a checkpoint write, after another step", "resumed from ... at step N "
+         "(the newest complete checkpoint)", "-9", "nothing: resume bit-exact, metrics.jsonl without duplicates"),
+    Case("fault", "SIGTERM during training", "preempted: saved checkpoint at step N", "0",
+         "nothing: saved at the step boundary"),
+    Case("fault", "a second SIGINT", "exits at once", "130", "—"),
+    Case("fault", "checkpoint file truncated or a byte flipped", "checkpoint file ... is corrupt; falling back", "0",
+         "resumed from the checkpoint before it"),
+    Case("fault", "non-finite losses (learning rate 1e30)", "3 consecutive steps with a non-finite loss", "1",
+         "nothing: every checkpoint finite"),
+    Case("sample", "5% corrupt samples (bad bytes, no label)", "counted in train/skipped_samples, val/skipped", "0",
+         "the run completes"),
+    Case("fault", "kill -9 three times in the quickstart run", "resumed from ...", "0",
+         "nothing: still reaches the tiny-digits bar"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +165,14 @@ BAD_CONFIGS = {
     "negative": (["--learning-rate", "-0.1"], "learning_rate=-0.1: must be >= 0.0"),
     "rate": (["--mixup", "-1"], "mixup=-1.0: must be >= 0.0"),
     "shards": (["--train-dataset-shards", "/nonexistent/train-{0000..0003}.tar"], "matches no shards"),
+    "student": (["--distillation-type", "hard"], "distillation_type='hard' needs a distilled student (--distilled)"),
+    "teacher": (["--distillation-type", "hard", "--distilled", "--pooling", "cls"], "distillation_type='hard' needs --teacher-ckpt"),
+    "teacher_file": (["--distillation-type", "hard", "--distilled", "--pooling", "cls", "--teacher-ckpt",
+                      "/nonexistent/t.safetensors"],
+                     "cannot load /nonexistent/t.safetensors: no such file"),
 }
+MATRIX += [Case("config", " ".join(args), expected) for args, expected in BAD_CONFIGS.values()]
+MATRIX += [Case("config", "an unknown recipe name", "unknown recipe ...; allowed: ... one of 34 recipes")]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))

@@ -5,6 +5,7 @@ DataLoader batch of train_batch_size // process_count // grad_accum, and collate
 
 import collections
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -180,13 +181,44 @@ def test_grad_accum_must_divide_the_process_batch(spec):
         train_batches(config(spec, 10, accum=4))
 
 
-def test_gather_loader_states_carries_copies(monkeypatch):
+class FakeCoordinator:
+    """The coordinator's key-value store as two processes see it; process 1 has written
+    `other` (or nothing: its reads time out)."""
+
+    def __init__(self, other):
+        self.kv, self.other = {}, other
+
+    def key_value_set(self, key, value):
+        self.kv[key] = value
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        if key.endswith("/1"):
+            if self.other is None:
+                raise runtime_module().jax.errors.JaxRuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out: {key}")
+            return json.dumps(self.other)
+        return self.kv[key]
+
+    def key_value_delete(self, key):
+        self.kv.pop(key)
+
+
+def runtime_module():
     from deit import runtime
 
+    return runtime
+
+
+def test_gather_loader_states_carries_copies(monkeypatch):
+    runtime = runtime_module()
     state = {"epoch": 2, "offset": 5, "copies": 1, "skipped": 3}
     loader = Loader(lambda pool: iter(()), workers=0, prefetch=1, state=state)
     loader.close()
     assert runtime.gather_loader_states(loader) == [state]
+    other = {key: v + 1 for key, v in state.items()}
     monkeypatch.setattr(runtime.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(runtime.multihost_utils, "process_allgather", lambda x: np.stack([x, x + 1]))
-    assert runtime.gather_loader_states(loader) == [state, {key: v + 1 for key, v in state.items()}]
+    monkeypatch.setattr(runtime, "_client", lambda: FakeCoordinator(other))
+    assert runtime.gather_loader_states(loader) == [state, other]
+    # A process that never writes its state is named when the host timeout passes.
+    monkeypatch.setattr(runtime, "_client", lambda: FakeCoordinator(None))
+    with pytest.raises(runtime.HostTimeout, match=r"process 0 waited host_timeout=\d+ s for process 1 at the loader-state"):
+        runtime.gather_loader_states(loader)

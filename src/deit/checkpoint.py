@@ -18,6 +18,7 @@ left off. `Writer(before_commit=...)` is a hook between writing a checkpoint's f
 committing it (the fault-injection tests kill the process there).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from jax.experimental import multihost_utils
 from safetensors.numpy import load as load_bytes
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from deit.fileio import fs_path, join
@@ -76,6 +78,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _io_errors(path: Path) -> Iterator[None]:
+    """safetensors reports I/O failures (a full disk) as SafetensorError("... (os error 28)"): as OSError."""
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any, meta: dict[str, Any],
            before_commit: Callable[[str, int], None] = _nothing) -> str:
     """Write and commit one checkpoint (process 0 only); `before_commit(name, step)` runs once
@@ -88,8 +102,10 @@ def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any
     # Local: build in place beside the final dir (same filesystem, so the rename is atomic).
     stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root if local else None))
     try:
-        save_model(model, stage / MODEL_FILE)
-        save_file(arrays, str(stage / STATE_FILE))
+        with _io_errors(stage / MODEL_FILE):
+            save_model(model, stage / MODEL_FILE)
+        with _io_errors(stage / STATE_FILE):
+            save_file(arrays, str(stage / STATE_FILE))
         before_commit(name, meta["step"])
         meta = {**meta, "files": {f: {"size": (stage / f).stat().st_size, "sha256": _sha256(stage / f)}
                                   for f in (MODEL_FILE, STATE_FILE)}}
@@ -111,6 +127,10 @@ def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return final
+
+
+class WriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); earlier ones are intact."""
 
 
 class Writer:
@@ -141,11 +161,18 @@ class Writer:
         meta = {"step": int(arrays[".step"]), "config": config, **(extra or {})}
 
         def work():
-            try:
-                for name in names:
+            for name in names:
+                try:
                     _write(self.output_dir, name, arrays, model, meta, self.before_commit)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
-                self.error = e
+                except OSError as e:  # disk full, quota, permissions: the partial write is gone
+                    self.error = WriteError(f"checkpoint {name!r} of step {meta['step']} could not be written to "
+                                            f"{checkpoint_dir(self.output_dir, name)}: {e.strerror or e}; the "
+                                            "checkpoints written before it are intact (make room, then run the "
+                                            "same command again to resume)")
+                    return
+                except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                    self.error = e
+                    return
 
         if self.sync:
             work()

@@ -274,6 +274,9 @@ class Config:
     """jax.distributed process count (with --coordinator-address)."""
     process_id: int | None = None
     """This process's index in [0, num_processes) (with --coordinator-address)."""
+    host_timeout: int = 600
+    """Seconds a process waits for the others (connecting to the coordinator, checkpoint and
+    loader-state gathers, barriers) before it stops with one line naming the processes it waited for."""
     memory_report: int = 0
     """With --dry-run: compile the train step on this many fake devices and add XLA's per-device memory."""
     pretrained_ckpt: str | None = None
@@ -291,7 +294,7 @@ class Config:
         _check([_min("fsdp", self.fsdp, 1), _min("log_interval", self.log_interval, 1),
                 _min("eval_interval", self.eval_interval, 1), _min("checkpoint_interval", self.checkpoint_interval, 0),
                 _min("keep_interval", self.keep_interval, 0), _min("max_bad_steps", self.max_bad_steps, 1),
-                _min("memory_report", self.memory_report, 0),
+                _min("memory_report", self.memory_report, 0), _min("host_timeout", self.host_timeout, 1),
                 (self.num_processes is None or self.num_processes >= 1,
                  f"num_processes={self.num_processes}: must be >= 1"),
                 (self.process_id is None or self.num_processes is None or 0 <= self.process_id < self.num_processes,

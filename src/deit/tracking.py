@@ -21,10 +21,14 @@ class Tracker:
     """`output_dir` may be local or an fsspec URL (gs://...): a remote metrics.jsonl is rewritten
     whole at each event (objects cannot be appended to), and the aim repo then defaults to
     ~/.cache/deit/aim since aim needs a local folder. `resume_step`: events logged after that
-    step by an interrupted run are dropped, so the file reads as one uninterrupted run."""
+    step by an interrupted run are dropped, so the file reads as one uninterrupted run.
+    `run_hash`: the aim run of the interrupted run (its checkpoint records it), reopened so a
+    resumed run continues one aim run; aim reopens a run whose process was killed, and a value
+    tracked again at a step replaces the old one, so each series has each step once. Where it
+    cannot be reopened (its repo moved, say), a new run records the old hash as `resumed_from`."""
 
     def __init__(self, output_dir: str | os.PathLike, hparams: dict[str, Any], aim_repo: str | None = None,
-                 experiment: str = "deit", resume_step: int | None = None):
+                 experiment: str = "deit", resume_step: int | None = None, run_hash: str | None = None):
         self.enabled = jax.process_index() == 0
         self.run = None
         if not self.enabled:
@@ -47,7 +51,17 @@ class Tracker:
             default = os.path.expanduser("~/.cache/deit/aim") if self.remote else str(Path(output_dir).resolve().parent)
             repo = aim_repo or default
             Path(repo).mkdir(parents=True, exist_ok=True)
-            self.run = aim.Run(repo=repo, experiment=experiment)
+            self.run = None
+            if run_hash:
+                try:
+                    self.run = aim.Run(run_hash=run_hash, repo=repo, experiment=experiment)
+                except Exception as e:  # noqa: BLE001 - a new run below, which says where it continues from
+                    print(f"warning: cannot reopen aim run {run_hash} ({type(e).__name__}: {e}); "
+                          "starting a new one", flush=True)
+            if self.run is None:
+                self.run = aim.Run(repo=repo, experiment=experiment)
+                if run_hash:
+                    self.run["resumed_from"] = run_hash
             self.run["hparams"] = hparams
         except Exception as e:  # tracking must never kill a training run
             print(f"warning: aim tracking disabled ({type(e).__name__}: {e})", flush=True)
@@ -80,7 +94,12 @@ class Tracker:
                 if not math.isfinite(value):
                     continue
                 subset, _, metric = name.rpartition("/")
-                self.run.track(value, name=metric, step=int(step), context={"subset": subset or "train"})
+                try:
+                    self.run.track(value, name=metric, step=int(step), context={"subset": subset or "train"})
+                except Exception as e:  # noqa: BLE001 - e.g. its disk is full: metrics.jsonl still has it
+                    print(f"warning: aim tracking disabled ({type(e).__name__}: {e})", flush=True)
+                    self.run = None
+                    break
 
     def close(self) -> None:
         if not self.enabled:
@@ -88,7 +107,10 @@ class Tracker:
         if self.file is not None:
             self.file.close()
         if self.run is not None:
-            self.run.close()
+            try:
+                self.run.close()
+            except Exception as e:  # noqa: BLE001 - the run's metrics are in metrics.jsonl too
+                print(f"warning: aim run not closed cleanly ({type(e).__name__}: {e})", flush=True)
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

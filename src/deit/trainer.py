@@ -41,6 +41,8 @@ class Hooks:
     """(step, writer) after a step's logs, evaluation and checkpoints are issued (the writer may still be writing)."""
     before_commit: Callable[[str, int], None] = _nothing
     """(name, step) for each checkpoint once its files are written, before its meta.json commits it."""
+    before_save: Callable[[int], None] = _nothing
+    """(step) on every process when a save is due, before anything is gathered for it."""
 
 
 def itstime(step: int, every: int, last: int | None = None) -> bool:
@@ -107,47 +109,40 @@ class Run:
 
 
 def load_teacher(cfg: Config, mesh: jax.sharding.Mesh) -> ViT | None:
-    """The distillation teacher, replicated; None without distillation."""
-    d = cfg.distill
-    if d.distillation_type == "none":
+    """The distillation teacher (checked by `runtime.resolve_paths`), replicated; None without distillation."""
+    if cfg.distill.distillation_type == "none":
         return None
-    if not cfg.model.distilled:
-        raise ValueError(f"distillation_type={d.distillation_type!r} needs a distilled student (--distilled)")
-    if not d.teacher_ckpt:
-        raise ValueError(f"distillation_type={d.distillation_type!r} needs --teacher-ckpt")
-    teacher = load_model(runtime.resolve_env("teacher_ckpt", d.teacher_ckpt))
-    if teacher.cfg.labels != cfg.model.labels:
-        raise ValueError(f"teacher_ckpt={d.teacher_ckpt!r} has labels={teacher.cfg.labels}, "
-                         f"the student {cfg.model.labels}")
+    teacher = load_model(cfg.distill.teacher_ckpt)
     if teacher.cfg.image_size != cfg.model.image_size and teacher.cfg.posemb == "learnable":
         teacher = finetune.adapt_pretrained(teacher, ViT(dataclasses.replace(teacher.cfg, image_size=cfg.model.image_size),
                                                          key=jax.random.key(0)))
     return jax.device_put(teacher, sharding.replicated(mesh))
 
 
-def restore_run(out: str, state: TrainState) -> tuple[TrainState, bool, float, dict[str, int] | None]:
-    """(state, resumed, best val acc1 so far, this process's loader state) from the run's newest
-    loadable checkpoint; the loader state only when the process count is the checkpoint's (exact;
-    otherwise the stream is replayed to the step)."""
+def restore_run(out: str, state: TrainState) -> tuple[TrainState, dict[str, Any] | None, float, dict[str, int] | None]:
+    """(state, its checkpoint's meta or None, best val acc1 so far, this process's loader state)
+    from the run's newest loadable checkpoint; the loader state only when the process count is
+    the checkpoint's (exact; otherwise the stream is replayed to the step)."""
     if jax.process_index() == 0:
         checkpoint.remove_partial(out)
     state, meta = checkpoint.resume(out, state)
     if meta is None:
-        return state, False, -1.0, None
+        return state, None, -1.0, None
     best = max([checkpoint.read_meta(p).get("val/acc1", -1.0) for p in checkpoint.candidates(out)] + [-1.0])
     states = meta.get("loader_states")
     exact = bool(states) and len(states) == jax.process_count()
-    return state, True, best, states[jax.process_index()] if exact else None
+    return state, meta, best, states[jax.process_index()] if exact else None
 
 
 def open_run(cfg: Config, out: str, mesh: jax.sharding.Mesh, writer: checkpoint.Writer, start: int,
-             resumed: bool, loader_state: dict[str, int] | None) -> Run:
-    """The train stream from `start` (or `loader_state`), the tracker (events after `start` of an
-    interrupted run dropped) with the hardware's peak FLOP/s, and the progress bar."""
+             resumed: dict[str, Any] | None, loader_state: dict[str, int] | None) -> Run:
+    """The train stream from `start` (or `loader_state`), the tracker (continuing the aim run of
+    the checkpoint `resumed` from, its events after `start` dropped) with the hardware's peak
+    FLOP/s, and the progress bar."""
     batches = loader.train_batches(cfg, process_index=jax.process_index(), process_count=jax.process_count(),
                                  **({"state": loader_state} if loader_state else {"start_step": start}))
     tracker = Tracker(out, cfg.to_dict(), cfg.aim_repo, experiment=out.rsplit("/", 1)[-1],
-                      resume_step=start if resumed else None)
+                      resume_step=start if resumed else None, run_hash=(resumed or {}).get("aim_run"))
     peak, peak_source = hardware.peak_flops(cfg.optim.compute_dtype)
     tracker.set("hardware", {"peak_flops": peak, "peak_source": peak_source, "devices": jax.device_count(),
                              "device_kind": jax.devices()[0].device_kind})
@@ -234,7 +229,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> dict[str, float]:
             run.bar.update(1)
             logs, evals = itstime(done, cfg.log_interval, total), itstime(done, cfg.eval_interval, total)
             interval, keep = itstime(done, cfg.checkpoint_interval), itstime(done, cfg.keep_interval)
-            preempted = done < total and preempt.agreed()
+            preempted = preempt.agreed(done) and done < total  # every step: see Preemption
             streak.check(metrics, done, now=logs or evals or interval or keep or preempted)
             if logs:
                 log_metrics(run, done, state, window)
@@ -246,13 +241,14 @@ def train(cfg: Config, hooks: Hooks | None = None) -> dict[str, float]:
             names = checkpoint.names_due(done, evaluated=evals, interval=interval, keep=keep, validation=validation,
                                          improved=improved, preempted=preempted)
             if names:
+                hooks.before_save(done)
                 save(run, names, state, results)
             hooks.after_step(done, writer)
             if preempted:
                 writer.wait()
-                if jax.process_index() == 0:
-                    print(f"preempted: saved checkpoint at step {done} in {checkpoint.checkpoint_dir(out, 'last')}",
-                          file=sys.stderr, flush=True)
+                who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+                print(f"{who}preempted: saved checkpoint at step {done} in {checkpoint.checkpoint_dir(out, 'last')}",
+                      file=sys.stderr, flush=True)
                 return results
         writer.wait()
     finally:
