@@ -91,10 +91,10 @@ def two_processes(cache: Path, port: int, *args: str, faults=(None, None)) -> li
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 24 MiB tmpfs (a filesystem that can fill up without touching the machine's disk)."""
+    """A 16 MiB tmpfs (a filesystem that can fill up without touching the machine's disk)."""
     path = tmp_path / "disk"
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
     yield path
