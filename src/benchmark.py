@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -115,7 +114,7 @@ def cmd_augment(args: argparse.Namespace) -> dict:
     from PIL import Image
     from timm.data import Mixup
 
-    from deit import augment, mixing
+    from deit import augment, hardware, mixing
     from deit.config import AugmentConfig, LossConfig
     from deit.model import init_model, preset
 
@@ -124,7 +123,7 @@ def cmd_augment(args: argparse.Namespace) -> dict:
     labels = jax.numpy.arange(b) % args.labels
     pil = [Image.fromarray(a) for a in np.asarray(images)]
     out: dict = dict(benchmark="augment", backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-                     cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                     cpu=hardware.cpu_model(), cpu_features=hardware.cpu_features(), cpu_count=os.cpu_count(),
                      load_average=[round(v, 2) for v in os.getloadavg()], batch=b, image_size=size,
                      note="device = train_transform + one_hot_targets + mixup_cutmix, jitted, on uint8 batches "
                           "already at model size; timm = the same policies in PIL/torch after the crop on one "
@@ -234,6 +233,7 @@ def cmd_loader(args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from benchmarks import loader_bench
+    from deit import hardware
     from deit.data.loader import resolve_shards
     from deit.data.shards import shard_records
 
@@ -264,11 +264,12 @@ def cmd_loader(args: argparse.Namespace) -> dict:
             return r["images_per_s"], r["images_per_cpu_s"]
 
         def timm(i: int) -> tuple[float, float]:  # images/s, images per CPU second
-            t0, c0 = time.perf_counter(), time.process_time()
+            # this thread's CPU time: the process's would also count our loader's threads still winding down
+            t0, c0 = time.perf_counter(), time.thread_time()
             for j in range(per_round):
                 # as timm's ImageFolder loader: PIL open + convert('RGB'), from the same tar bytes
                 tf(Image.open(io.BytesIO(files[(i * per_round + j) % len(files)])).convert("RGB"))
-            return per_round / (time.perf_counter() - t0), per_round / (time.process_time() - c0)
+            return per_round / (time.perf_counter() - t0), per_round / (time.thread_time() - c0)
 
         timm(-1) if args.rounds > 1 else None  # warm-up (imports, first-call costs)
         ours_r, timm_r, ours_cpu, timm_cpu = [], [], [], []
@@ -288,7 +289,7 @@ def cmd_loader(args: argparse.Namespace) -> dict:
                images=len(files), mean_jpeg_bytes=round(sum(map(len, files)) / len(files)),
                source_size=[round(statistics.mean(s[0] for s in sizes)), round(statistics.mean(s[1] for s in sizes))],
                image_size=args.size, batch_size=args.batch, batches_per_round=args.batches, rounds=args.rounds,
-               workers=args.workers, cores_used=cores, cpu=platform.processor() or platform.machine(),
+               workers=args.workers, cores_used=cores, cpu=hardware.cpu_model(), cpu_features=hardware.cpu_features(),
                cpu_count=os.cpu_count(), load_average=[round(v, 2) for v in os.getloadavg()],
                jpeg_decoder=loader_bench.jpeg_decoder(), timm_jpeg_decoder=loader_bench.pil_jpeg_decoder(),
                ours_pipeline="tar read + seeded shuffle + simplejpeg decode + RandomResizedCrop (Pillow's bicubic as "

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from deit import fileio
 from deit.fileio import atomic_path
 from deit.interop import load_model, save_model
 from deit.timm_weights import to_timm
@@ -39,6 +40,8 @@ def convert(src: str, dst: str, layout: str = "deit3", heads: int | None = None,
         raise ValueError(f"cannot write {out}: unknown extension; allowed: {', '.join(WRITABLE)}")
     if not out.parent.is_dir():
         raise ValueError(f"cannot write {out}: no such directory {out.parent}")
+    if why := fileio.unwritable(out.parent):
+        raise ValueError(f"cannot write {out}: {out.parent}: {why}; allowed: a path in a directory this user can write")
     if ema:
         from deit.checkpoint import load_ema
 

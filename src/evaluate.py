@@ -12,6 +12,8 @@ from typing import Annotated
 
 import tyro
 
+from deit.config import cli_or_exit
+
 
 @dataclasses.dataclass(frozen=True)
 class Args:
@@ -71,7 +73,7 @@ def run(args: Args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = tyro.cli(Args, args=argv, description=__doc__)
+    args = cli_or_exit(lambda: tyro.cli(Args, args=argv, description=__doc__))
     try:
         result = run(args)
     except ValueError as e:

@@ -7,18 +7,15 @@ on N fake CPU devices (`deit.memory`). `main(argv, hooks)` runs in-process; `hoo
 (a `deit.trainer.Hooks`) is how the tests inject faults (`tests/faults.py`).
 """
 
-import contextlib
-import io
 import json
 import os
-import re
 import sys
 import typing
 
 import tyro
 
 from deit import recipes
-from deit.config import Config
+from deit.config import Config, cli_or_exit
 from deit.model import count_params, forward_flops
 
 
@@ -31,17 +28,6 @@ def parse(argv: list[str] | None = None) -> Config:
     )
     return tyro.cli(typing.Union[choices], args=argv, description=__doc__,
                     config=(tyro.conf.OmitSubcommandPrefixes,))
-
-
-def one_line(box: str) -> str:
-    """tyro's error box -> its message on one line (the text between the first two rules)."""
-    lines = [ln.strip(" │╭╮╰╯") for ln in box.splitlines()]
-    rules = [i for i, ln in enumerate(lines) if ln and set(ln) <= set("-─")]
-    body = lines[1:rules[0]] if rules else lines[1:]  # below the title, above the first rule
-    if not "".join(body).strip() and len(rules) > 1:  # plain layout: title, rule, message, rule
-        body = lines[rules[0] + 1:rules[1]]
-    msg = re.sub(r"\s+", " ", " ".join(body)).strip()
-    return re.sub(r"^Error parsing (__tyro\S*|\w*Config): ", "", msg) or "invalid arguments (see --help)"
 
 
 def parse_or_exit(argv: list[str] | None) -> Config:
@@ -58,18 +44,7 @@ def parse_or_exit(argv: list[str] | None) -> Config:
         print(f"error: unknown recipe {first!r}; allowed: recipes:NAME with NAME one of {len(names)} recipes "
               f"(e.g. recipes:tiny-digits; all in --help)", file=sys.stderr)
         sys.exit(2)
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return parse(args)
-    except ValueError as e:  # config validation (e.g. image_size not divisible by patch_size)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:
-        if e.code:  # tyro's multi-line box, condensed
-            print(f"error: {one_line(err.getvalue())}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    return cli_or_exit(lambda: parse(args))
 
 
 def main(argv: list[str] | None = None, hooks=None) -> None:

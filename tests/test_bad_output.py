@@ -17,7 +17,7 @@ import train as train_cli  # noqa: E402
 
 TINY = ["recipes:tiny-digits", "--no-progress", "--layers", "2", "--dim", "32", "--heads", "2"]
 
-MATRIX = [
+OUTPUT_CASES = [
     Case("output dir", "cannot be created (/proc/deit-out)", "is not writable (/proc: No such file or directory)"),
     Case("output dir", "is a file", "is a file; allowed: a directory (existing or new)"),
     Case("output dir", "below a file", "is a file, not a directory"),
@@ -66,7 +66,7 @@ def output_dir(case: Case, tmp_path: Path, request) -> tuple[str, Path | None]:
     return "foo://bucket/run", None
 
 
-@pytest.mark.parametrize("case", MATRIX, ids=[c.what for c in MATRIX])
+@pytest.mark.parametrize("case", OUTPUT_CASES, ids=[c.what for c in OUTPUT_CASES])
 def test_bad_output_dir_one_line_exit_2_nothing_written(case, tmp_path, capsys, request):
     out, keep = output_dir(case, tmp_path, request)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -80,3 +80,37 @@ def test_bad_output_dir_one_line_exit_2_nothing_written(case, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside it
     if keep is not None:
         assert list(keep.iterdir()) == []
+
+
+SCRIPT_CASES = [
+    Case("output dir", "src/convert.py writing into /proc", "cannot write /proc/x.safetensors: /proc: No such file or "
+         "directory; allowed: a path in a directory this user can write"),
+    Case("config", "src/evaluate.py given an unknown flag", "Unrecognized options: --bogus"),
+]
+MATRIX = OUTPUT_CASES + SCRIPT_CASES
+
+
+@pytest.mark.parametrize("case", SCRIPT_CASES, ids=[c.what for c in SCRIPT_CASES])
+def test_scripts_bad_input_one_line_exit_2(case, tmp_path, capsys):
+    import dataclasses
+
+    import jax
+
+    import convert
+    import evaluate
+    from deit.config import ModelConfig
+    from deit.interop import save_model
+    from deit.model import ViT
+
+    weights = tmp_path / "w.safetensors"
+    save_model(ViT(dataclasses.replace(ModelConfig(), layers=1, dim=32, heads=2, image_size=16, patch_size=8, labels=10),
+                   key=jax.random.key(0)), weights)
+    if case.what.startswith("src/convert.py"):
+        assert convert.main([str(weights), "/proc/x.safetensors"]) == 2
+    else:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(weights), "--bogus"])
+        assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: " in err[0] and case.sees in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -10,7 +10,6 @@ so load from other processes hits all alike; figures are medians over rounds.
 
 import dataclasses
 import os
-import platform
 import resource
 import statistics
 import time
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deit import optim, recipes, sharding
+from deit import hardware, optim, recipes, sharding
 from deit.config import AugmentConfig, Config, ModelConfig, from_flat
 from deit.model import ViT, count_params, forward_flops, preset, skeleton
 from deit.steps import eval_step, init_state, make_train_step
@@ -227,7 +226,7 @@ def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float3
     out: dict[str, Any] = dict(
         benchmark="train", model=dataclasses.asdict(model), batch=batch, image_size=model.image_size, dtype=dtype,
         backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-        cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), threads=threads,
+        cpu=hardware.cpu_model(), cpu_features=hardware.cpu_features(), cpu_count=os.cpu_count(), threads=threads,
         jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
         load_average_start=[round(v, 2) for v in load_start], load_average=[round(v, 2) for v in os.getloadavg()],
         params=count_params(model), forward_flops_per_image=flops, rounds=rounds,

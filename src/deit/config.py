@@ -5,9 +5,14 @@ The sections group related flags; on the command line the section prefix is drop
 (see `recipes/`), mapped onto the sections by `from_flat`.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
-from typing import Annotated, Any, Literal
+import re
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 import tyro
 
@@ -338,3 +343,35 @@ def from_dict(d: dict[str, Any]) -> Config:
         else:
             flat[k] = v
     return from_flat(flat)
+
+
+T = TypeVar("T")
+
+
+def one_line(box: str) -> str:
+    """tyro's error box -> its message on one line (the text between the first two rules)."""
+    lines = [ln.strip(" │╭╮╰╯") for ln in box.splitlines()]
+    rules = [i for i, ln in enumerate(lines) if ln and set(ln) <= set("-─")]
+    body = lines[1:rules[0]] if rules else lines[1:]  # below the title, above the first rule
+    if not "".join(body).strip() and len(rules) > 1:  # plain layout: title, rule, message, rule
+        body = lines[rules[0] + 1:rules[1]]
+    msg = re.sub(r"\s+", " ", " ".join(body)).strip()
+    return re.sub(r"^Error parsing (__tyro\S*|\w*Config): ", "", msg) or "invalid arguments (see --help)"
+
+
+def cli_or_exit(parse: Callable[[], T]) -> T:
+    """`parse()` (a tyro.cli call); any bad input exits 2 with one line on stderr: tyro's error
+    box condensed, or the message of a config check's ValueError."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse()
+    except ValueError as e:  # config validation (e.g. image_size not divisible by patch_size)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as e:
+        if e.code:  # tyro's multi-line box, condensed
+            print(f"error: {one_line(err.getvalue())}", file=sys.stderr)
+            sys.exit(2)
+        sys.stderr.write(err.getvalue())  # --help goes to stdout; anything else is passed on
+        raise

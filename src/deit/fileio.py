@@ -59,3 +59,14 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
 
 def write_text(url: str | os.PathLike, text: str) -> None:
     write_bytes(url, text.encode())
+
+
+def unwritable(directory: str | os.PathLike) -> str | None:
+    """Why files cannot be created in an existing local `directory` (e.g. "Read-only file
+    system"), or None: found by creating and removing an empty probe directory, which catches
+    what permission bits alone do not (read-only mounts, /proc, root's access)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".deit-probe-", dir=directory))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None

@@ -55,3 +55,28 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     # CPU: fake devices share the host's cores, so one matmul (on all cores) is the host's peak.
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     return matmul_peak(dtype=jdtype, device=device) * jax.process_count(), f"measured:{device.platform}-matmul-{dtype}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo's `model name`; elsewhere platform's guess)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """The CPU's matmul-relevant instruction sets (bf16 and wide vectors), from /proc/cpuinfo."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return []
+    return [w for w in wanted if w in flags]

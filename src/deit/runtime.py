@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -83,10 +82,8 @@ def has_validation(cfg: Config) -> bool:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """The output dir must be creatable and writable: checked before anything is written, by
-    creating (and removing) an empty probe directory in its nearest existing parent, which
-    catches what permission bits alone do not (read-only mounts, /proc, root's access); for an
-    fsspec URL, its filesystem must be installed."""
+    """The output dir must be creatable and writable (`fileio.unwritable` of its nearest existing
+    parent), checked before anything is written; for an fsspec URL, its filesystem must be installed."""
     if "://" in output_dir:
         try:
             fileio.fs_path(output_dir)
@@ -104,11 +101,9 @@ def check_output_dir(output_dir: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(f"output_dir={output_dir!r} is not writable ({parent} is a file, not a directory)")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".deit-probe-", dir=parent))
-    except OSError as e:
-        raise ValueError(f"output_dir={output_dir!r} is not writable ({parent}: {e.strerror}); "
-                         "allowed: a directory this user can create and write") from None
+    if why := fileio.unwritable(parent):
+        raise ValueError(f"output_dir={output_dir!r} is not writable ({parent}: {why}); "
+                         "allowed: a directory this user can create and write")
 
 
 def check_data(cfg: Config) -> None:
