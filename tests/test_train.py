@@ -84,6 +84,7 @@ def test_short_training_run_resume_and_evaluate(tmp_path):
     # MFU against this CPU's measured matmul peak: a fraction, and consistent with TFLOP/s.
     for e in (e for e in events if "train/loss" in e):
         assert 0 < e["train/mfu"] < 1 and e["train/tflops_per_sec"] > 0
+        assert 0 <= e["train/data_wait"] < 1  # a share of the window's wall time
     val = [e for e in events if "val/acc1" in e]
     assert len(val) == 1 and 0 <= val[0]["val/acc1"] <= 1 and val[0]["val/num_samples"] == 360
     assert (tmp_path / ".aim").is_dir()  # aim repo beside the run by default
@@ -114,3 +115,15 @@ def test_itstime_is_the_one_cadence_rule():
     assert [s for s in range(1, 13) if itstime(s, 4)] == [4, 8, 12]
     assert [s for s in range(1, 11) if itstime(s, 4, last=10)] == [4, 8, 10]  # and always at the last step
     assert not any(itstime(s, 0) for s in range(1, 10))  # 0: never (checkpoint_interval, keep_interval)
+
+
+def test_data_wait_is_the_share_of_wall_time_spent_waiting():
+    from deit.trainer import Window
+
+    w = Window()
+    w.start -= 4.0  # the window began 4 s ago
+    w.add({}, 32, 1.0)
+    w.add({}, 32, 0.5)
+    assert w.images == 64 and w.waited == 1.5
+    w.reset()
+    assert w.waited == 0.0 and w.images == 0

@@ -70,18 +70,20 @@ class BadStreak:
 
 
 class Window:
-    """The train metrics since the last log, and the images and time they took."""
+    """The train metrics since the last log, and the images, time and loader waits they took."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.metrics: list[dict[str, jax.Array]] = []
-        self.images, self.start = 0, time.perf_counter()
+        self.images, self.start, self.waited = 0, time.perf_counter(), 0.0
 
-    def add(self, metrics: dict[str, jax.Array], images: int) -> None:
+    def add(self, metrics: dict[str, jax.Array], images: int, waited: float) -> None:
+        """A step's metrics, its images, and the seconds the loop waited for its batch."""
         self.metrics.append(metrics)
         self.images += images
+        self.waited += waited
 
     def restart_clock(self) -> None:
         """Time spent since (evaluating, say) is not training throughput."""
@@ -154,8 +156,10 @@ def open_run(cfg: Config, out: str, mesh: jax.sharding.Mesh, writer: checkpoint.
 def log_metrics(run: Run, step: int, state: TrainState, window: Window) -> None:
     """The window's mean train metrics, throughput and MFU (model FLOPs only, no remat recompute)."""
     means = {k: float(np.mean([float(m[k]) for m in window.metrics])) for k in window.metrics[0] if k != "bad_streak"}
-    ips = window.images / (time.perf_counter() - window.start)
+    elapsed = time.perf_counter() - window.start
+    ips = window.images / elapsed
     log = {f"train/{k}": v for k, v in means.items()}
+    log["train/data_wait"] = window.waited / elapsed  # the share of wall time spent waiting for batches
     log["train/skipped_steps"] = float(state.skipped)
     log["train/images_per_sec"] = ips
     log["train/tflops_per_sec"] = ips * run.flops_per_image / 1e12
@@ -222,10 +226,12 @@ def train(cfg: Config, hooks: Hooks | None = None) -> dict[str, float]:
     window, streak, preempt = Window(), BadStreak(cfg.max_bad_steps, out), runtime.Preemption()
     try:
         for step in range(start, total):
+            waiting = time.perf_counter()
             images, labels = next(run.batches)
+            waited = time.perf_counter() - waiting
             state, metrics = train_step(state, *sharding.shard_batch(mesh, images, labels), teacher)
             done = step + 1
-            window.add(metrics, cfg.data.train_batch_size)
+            window.add(metrics, cfg.data.train_batch_size, waited)
             run.bar.update(1)
             logs, evals = itstime(done, cfg.log_interval, total), itstime(done, cfg.eval_interval, total)
             interval, keep = itstime(done, cfg.checkpoint_interval), itstime(done, cfg.keep_interval)
