@@ -203,3 +203,29 @@ def test_bad_model_config_errors_name_the_value():
         ModelConfig(image_size=30)
     with pytest.raises(ValueError, match="dim=100 is not divisible by heads=12"):
         ModelConfig(dim=100)
+
+
+def test_dot_product_attention_path_agrees_with_ours(monkeypatch):
+    """The path GPUs take (jax.nn.dot_product_attention; cuDNN there, forced to "xla" here)
+    equals our einsum path, forward and gradient; on CPU the einsum path is chosen."""
+    import equinox as eqx
+
+    from deit import layers
+
+    assert layers.fused_attention(jnp.bfloat16) is None and layers.fused_attention(jnp.float32) is None  # CPU
+    attn = layers.Attention(64, 4, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 17, 64))
+
+    def loss(m, x):
+        return jnp.sum(jnp.sin(m(x)))
+
+    ref_out, ref_grads = attn(x), eqx.filter_grad(loss)(attn, x)
+    monkeypatch.setattr(layers, "fused_attention", lambda dtype: "xla")
+    out, grads = attn(x), eqx.filter_grad(loss)(attn, x)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # with attention dropout active, the probabilities are dropped on our path, fused or not
+    drop = eqx.tree_at(lambda m: m.attn_drop, attn, layers.Dropout(0.5))
+    np.testing.assert_allclose(drop(x, key=jax.random.key(2)), drop(x, key=jax.random.key(2)))
+    assert not np.allclose(drop(x, key=jax.random.key(2)), out)
