@@ -127,3 +127,31 @@ def test_data_wait_is_the_share_of_wall_time_spent_waiting():
     assert w.images == 64 and w.waited == 1.5
     w.reset()
     assert w.waited == 0.0 and w.images == 0
+
+
+def test_train_step_compiles_once_per_run(tmp_path, caplog):
+    """A run that logs, evaluates and checkpoints compiles its train step once, and so does the
+    run that resumes it (counted from jax's compile log, in-process on the 8 fake devices)."""
+    import logging
+
+    import jax
+
+    import train as train_cli
+
+    out = tmp_path / "run"
+    args = ["recipes:tiny-digits", "--no-progress", "--layers", "2", "--dim", "32", "--heads", "2",
+            "--log-interval", "2", "--eval-interval", "3", "--checkpoint-interval", "2", "--output-dir", str(out)]
+    jax.config.update("jax_log_compiles", True)
+    try:
+        counts = []
+        for steps in (6, 10):  # the second run resumes the first at step 6
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="jax"):
+                train_cli.main([*args, "--training-steps", str(steps)])
+            counts.append(sum("Compiling jit(step_fn)" in r.getMessage() for r in caplog.records))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert counts == [1, 1]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "train/loss" in e] == [2, 4, 6, 8, 10]
+    assert [e["step"] for e in events if "val/acc1" in e] == [3, 6, 9, 10]
