@@ -47,6 +47,14 @@ def parse_or_exit(argv: list[str] | None) -> Config:
     return cli_or_exit(lambda: parse(args))
 
 
+def exit_now(message: str) -> None:
+    """`error: message`, then exit 1 at once: no exit-time cleanup (jax's shutdown barrier waits
+    for processes that are gone; aim's cleanup, for a disk that is full)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def main(argv: list[str] | None = None, hooks=None) -> None:
     cfg = parse_or_exit(argv)
     if cfg.dry_run:
@@ -68,9 +76,7 @@ def main(argv: list[str] | None = None, hooks=None) -> None:
     try:
         train(cfg, hooks)
     except HostTimeout as e:  # another process is gone: exit now, not at jax's shutdown barrier
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+        exit_now(str(e))
     except ValueError as e:  # bad config or data found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -80,9 +86,7 @@ def main(argv: list[str] | None = None, hooks=None) -> None:
             where = f" ({e.filename})" if e.filename else ""
             msg = (f"{e.strerror or e}{where}; the checkpoints written before it are intact (fix it, then run the "
                    "same command again to resume)")
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # not sys.exit: aim's exit-time cleanup would wait forever on a full disk
+        exit_now(msg)  # not sys.exit: aim's exit-time cleanup would wait forever on a full disk
     except RuntimeError as e:  # a run that cannot go on (e.g. non-finite losses); checkpoints intact
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

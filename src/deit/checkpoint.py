@@ -43,7 +43,7 @@ from safetensors.numpy import load as load_bytes
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from deit.fileio import fs_path, join
+from deit.fileio import fs_path, join, sha256
 from deit.interop import save_model
 from deit.treepath import checkpoint_key
 
@@ -68,14 +68,6 @@ def host_arrays(state: Any) -> dict[str, np.ndarray]:
             x = multihost_utils.process_allgather(x, tiled=True)
         out[checkpoint_key(p)] = np.asarray(jax.device_get(x))
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -107,7 +99,7 @@ def _write(output_dir: str, name: str, arrays: dict[str, np.ndarray], model: Any
         with _io_errors(stage / STATE_FILE):
             save_file(arrays, str(stage / STATE_FILE))
         before_commit(name, meta["step"])
-        meta = {**meta, "files": {f: {"size": (stage / f).stat().st_size, "sha256": _sha256(stage / f)}
+        meta = {**meta, "files": {f: {"size": (stage / f).stat().st_size, "sha256": sha256(stage / f)}
                                   for f in (MODEL_FILE, STATE_FILE)}}
         (stage / META_FILE).write_text(json.dumps(meta, indent=1))
         if local:

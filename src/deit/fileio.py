@@ -7,6 +7,7 @@ created only once its content is complete (object stores commit an upload whole)
 """
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -70,3 +71,12 @@ def unwritable(directory: str | os.PathLike) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     return None
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()

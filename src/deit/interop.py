@@ -12,7 +12,6 @@ but tensors: `.pth` files go through `torch.load(weights_only=True)`, and a pick
 anything else (a function, a class) is refused as code.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import numpy as np
 
 from deit.config import ModelConfig
 from deit.deit3_jax_weights import deit3_jax_state, read_flax_msgpack
-from deit.fileio import atomic_path
+from deit.fileio import atomic_path, sha256 as file_sha256
 from deit.model import ViT
 from deit.timm_weights import fill_model, timm_state, to_timm
 
@@ -199,11 +198,7 @@ def check_committed(path: Path) -> None:
         size, sha256 = int(info["size"]), str(info["sha256"])
     except (ValueError, KeyError, TypeError, OSError):
         return  # not a commit record of ours: nothing to verify against
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if path.stat().st_size != size or h.hexdigest() != sha256:
+    if path.stat().st_size != size or file_sha256(path) != sha256:
         raise ValueError(f"corrupt: its size or sha256 differs from the one {meta} records; allowed: the file as its "
                          f"checkpoint wrote it")
 

@@ -82,7 +82,7 @@ def probe_shards(urls: list[str], spec: str, num_labels: int = 0) -> None:
     """
     local = [u for u in urls if is_local_path(u)][:PROBE_SHARDS]
     if local:
-        stats = tuple((u, os.stat(u).st_mtime_ns, os.stat(u).st_size) for u in local)
+        stats = tuple((u, st.st_mtime_ns, st.st_size) for u, st in ((u, os.stat(u)) for u in local))
         problem = _probe(stats, num_labels)
         if problem is not None:
             raise ValueError(f"shard spec {spec!r} has no usable sample among the first {PROBE_SAMPLES} of "

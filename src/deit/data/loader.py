@@ -248,10 +248,7 @@ def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
                 current, good = epoch, 0
             if crops_ is None:
                 skipped, first = skipped + 1, 0
-                if rec.label is not None and logged < 10:  # a bad label was warned about when read
-                    logged += 1
-                    log.warning("skipping sample %r in %s: %s%s", rec.key, rec.url, image_problem(rec),
-                                " (10 logged, further ones counted only)" if logged == 10 else "")
+                logged = warn_skipped(rec, logged, "sample")
                 continue
             good += 1
             for c in range(first, k):
@@ -263,11 +260,16 @@ def train_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
             first = 0
 
 
-def image_problem(rec: Record) -> str:
-    """Why a labelled record did not decode, for its warning."""
-    if rec.image is None:
-        return f"it has no image member (allowed: KEY.{'/'.join(IMAGE_EXTS)})"
-    return "its image bytes are not a readable image"
+def warn_skipped(rec: Record, logged: int, what: str, limit: int = 10) -> int:
+    """Warn that a labelled record did not decode (the first `limit` of a stream; a bad label
+    was warned about when read); the new count of warnings."""
+    if rec.label is None or logged >= limit:
+        return logged
+    problem = ("it has no image member (allowed: KEY." + "/".join(IMAGE_EXTS) + ")" if rec.image is None
+               else "its image bytes are not a readable image")
+    log.warning("skipping %s %r in %s: %s%s", what, rec.key, rec.url, problem,
+                f" ({limit} logged, further ones counted only)" if logged + 1 == limit else "")
+    return logged + 1
 
 
 def skip_state(urls: list[str], cfg: Config, process_index: int, process_count: int, steps: int) -> dict[str, int]:
@@ -362,10 +364,7 @@ def valid_stream(pool: concurrent.futures.Executor | None, urls: list[str], cfg:
         for rec, img in zip(recs, crops):
             if img is None:
                 skipped += 1
-                if rec.label is not None and logged < 10:  # a bad label was warned about when read
-                    logged += 1
-                    log.warning("skipping validation sample %r in %s: %s%s", rec.key, rec.url, image_problem(rec),
-                                " (10 logged, further ones counted only)" if logged == 10 else "")
+                logged = warn_skipped(rec, logged, "validation sample")
                 continue
             images[j], labels[j], mask[j] = img, rec.label, True
             j += 1
