@@ -31,6 +31,13 @@ Subcommands:
             timm_train_mfu, timm_eval_mfu (timm's model FLOP/s over the same peak);
             on accelerators with a known spec (deit.hardware): vendor_peak_flops_per_s,
             vendor_peak_source, train_mfu_vendor. XLA flags come from $XLA_FLAGS (recorded).
+  ops       one ViT block of the model split into the ops both implementations run (LayerNorm,
+            qkv / proj / fc1 / fc2 matmuls, head split / merge, the attention's batched dots and
+            softmax, GELU, residual; the attention core and the whole block too), each jitted
+            alone: ms per op, forward and forward + backward, ours and timm's, interleaved rounds
+            (medians); rows [{op, ours_fwd_ms, timm_fwd_ms, fwd_ratio, ours_fwdbwd_ms,
+            timm_fwdbwd_ms, fwdbwd_ratio}] with ratio = timm's time / ours (> 1: ours faster),
+            sum_of_parts. Shows where a whole-step gap between the two comes from.
 
 Add a subcommand: write `cmd_NAME(args) -> dict` and register its options in `SUBCOMMANDS`.
 """
@@ -311,6 +318,13 @@ def cmd_loader(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_ops(args: argparse.Namespace) -> dict:
+    from benchmarks import ops_bench, train_bench
+
+    cfg = train_bench.model_config(args.model, args.image_size)
+    return ops_bench.benchmark_ops(cfg, batch=args.batch, dtype=args.dtype, rounds=args.rounds)
+
+
 def cmd_train(args: argparse.Namespace) -> dict:
     from benchmarks import train_bench
 
@@ -361,6 +375,13 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[arg
         p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="also time the step with the DeiT recipe's on-device augmentation"),
     ), "train step / eval forward images/s and MFU vs timm/PyTorch on the same architecture"),
+    "ops": (cmd_ops, lambda p: (
+        p.add_argument("--model", default="s16", help="model preset (ti16, s16, b16, l16, h14)"),
+        p.add_argument("--batch", type=int, default=32),
+        p.add_argument("--image-size", type=int, default=224),
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32"),
+        p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (medians)"),
+    ), "one ViT block op by op (forward, forward + backward), ours vs timm's, ms per op"),
 }
 
 

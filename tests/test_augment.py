@@ -272,6 +272,38 @@ def test_color_jitter_matches_torchvision_with_same_draws():
         assert mad(out, np.asarray(im)) <= COLOUR_TOL
 
 
+def test_random_affine_matches_torchvision_with_same_draws():
+    a = PHOTOS["coffee97x131"]
+    h, w = a.shape[:2]
+    run = jax.jit(lambda k, x: (A.sample_affine(k, 20, 0.1, 0.2, 15, (h, w)), A.random_affine(k, x, 20, 0.1, 0.2, 15)))
+    for seed in range(8):
+        p, out = run(jax.random.key(seed), jnp.asarray(a))
+        tx, ty = (float(v) for v in p["translate"])
+        assert tx == round(tx) and ty == round(ty) and abs(tx) <= round(0.1 * w) and abs(ty) <= round(0.1 * h)
+        assert abs(float(p["angle"])) <= 20 and abs(float(p["shear"])) <= 15 and 0.8 <= float(p["scale"]) <= 1.2
+        ref = TF.affine(Image.fromarray(a), angle=float(p["angle"]), translate=[int(tx), int(ty)],
+                        scale=float(p["scale"]), shear=[float(p["shear"]), 0.0],
+                        interpolation=TF.InterpolationMode.BILINEAR, fill=0)
+        diff = np.abs(np.asarray(out).astype(int) - np.asarray(ref).astype(int))
+        assert diff.mean() <= 0.05 and diff.max() <= 1, (seed, diff.mean(), diff.max())  # f32 vs double maps
+
+
+def test_affine_is_off_by_default_and_draws_apart_from_the_other_ops():
+    assert not A.has_affine(AugmentConfig()) and all(
+        not A.has_affine(from_flat(json.loads(f.read_text())).augment)
+        for f in (ROOT / "recipes").glob("deit*.json"))
+    x, key = jnp.asarray(batch(2, 32)[0]), jax.random.key(5)
+    jitter = AugmentConfig(color_jitter=0.3, hflip=0.0, random_crop="none")
+    both = AugmentConfig(color_jitter=0.3, hflip=0.0, random_crop="none", affine_degrees=10.0, affine_scale=0.1)
+    moved = A.random_affine(jax.random.fold_in(key, 4), x, 10, 0, 0.1, 0)
+    assert not np.array_equal(np.asarray(moved), np.asarray(x, np.float32))
+    k_jitter = jax.random.split(key, 4)[2]
+    expect = normalize(A.color_jitter(k_jitter, moved, 0.3, 0.3, 0.3))
+    np.testing.assert_allclose(np.asarray(A.augment_one(both, key, x)), np.asarray(expect), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(A.augment_one(jitter, key, x)),
+                               np.asarray(normalize(A.color_jitter(k_jitter, x, 0.3, 0.3, 0.3))), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- batch transforms
 
 DEIT = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25, mixup=0.8, cutmix=1.0,
@@ -288,18 +320,25 @@ def batch(n: int = 8, size: int = 32) -> np.ndarray:
     return np.stack([a, c] * (n // 2))
 
 
-def test_tiny_digits_transform_is_flip_free_normalisation():
-    flat = json.loads((ROOT / "recipes" / "tiny-digits.json").read_text())
-    full = from_flat(flat)
+def test_tiny_digits_transform_is_affine_then_normalisation():
+    """The quickstart's per-image transform: torchvision's RandomAffine (no crop, no flip, no
+    policy), normalised; Mixup as configured and smoothed one-hot targets."""
+    full = from_flat(json.loads((ROOT / "recipes" / "tiny-digits.json").read_text()))
     cfg = full.augment
-    assert cfg.auto_augment is None and cfg.hflip == 0 and cfg.mixup == cfg.cutmix == 0
-    x = jnp.asarray(batch(4, 32))
-    out = jax.jit(lambda k, im: A.train_transform(cfg, k, im))(jax.random.key(0), x)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(normalize(x)), atol=1e-6)
+    assert cfg.auto_augment is None and cfg.hflip == 0 and cfg.random_crop == "none" and cfg.cutmix == 0
+    assert A.has_affine(cfg) and cfg.color_jitter == cfg.random_erasing == 0
+    x, key = jnp.asarray(batch(4, 32)), jax.random.key(0)
+    out = jax.jit(lambda k, im: A.train_transform(cfg, k, im))(key, x)
+    expect = jnp.stack([normalize(A.random_affine(jax.random.fold_in(k, 4), im, cfg.affine_degrees,
+                                                  cfg.affine_translate, cfg.affine_scale, cfg.affine_shear))
+                        for k, im in zip(jax.random.split(key, 4), x)])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expect), atol=1e-5)
     t = M.one_hot_targets(full.loss, jnp.array([1, 2, 3, 4]), 10)
-    assert M.mixup_cutmix(cfg, jax.random.key(0), out, t)[1] is t
     np.testing.assert_allclose(np.asarray(t.sum(1)), 1.0, rtol=1e-6)
     assert float(t[0, 1]) == pytest.approx(0.9 + 0.01)
+    mixed, mt = M.mixup_cutmix(cfg, jax.random.key(0), out, t)
+    np.testing.assert_allclose(np.asarray(mt.sum(1)), 1.0, rtol=1e-5)
+    assert (cfg.mixup > 0) == (not np.array_equal(np.asarray(mt), np.asarray(t)))
     np.testing.assert_array_equal(np.asarray(A.eval_transform(x)), np.asarray(normalize(x)))
 
 

@@ -62,3 +62,18 @@ def test_train_subcommand_prints_one_json_object(capsys):
     assert result["model"]["scan_unroll"] == 2  # --scan-unroll 0: all of --layers 2
     assert set(result["compile_s"]) == {"train", "eval", "train_aug", "matmul"}
     assert all(len(v) == 2 for v in result["seconds"].values())
+
+
+def test_ops_subcommand_prints_one_json_object(capsys):
+    result = benchmark.main(["ops", "--model", "ti16", "--image-size", "32", "--batch", "2", "--rounds", "1"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and json.loads(printed[0]) == result
+    assert result["benchmark"] == "ops" and result["tokens"] == 5 and result["model"]["dim"] == 192
+    ops = [r["op"] for r in result["rows"]]
+    assert ops[-1] == "block" and {"qkv", "q@k", "softmax", "attn@v", "fc1", "gelu", "fc2"} <= set(ops)
+    for r in result["rows"]:
+        for kind in ("fwd", "fwdbwd"):
+            assert r[f"ours_{kind}_ms"] > 0 and r[f"timm_{kind}_ms"] > 0, r
+            assert r[f"{kind}_ratio"] == pytest.approx(r[f"timm_{kind}_ms"] / r[f"ours_{kind}_ms"], rel=0.01)
+    parts = [r for r in result["rows"] if r["op"] not in ("attention_core", "block")]
+    assert result["sum_of_parts"]["ours_fwd_ms"] == pytest.approx(sum(r["ours_fwd_ms"] for r in parts), abs=1e-2)

@@ -164,6 +164,7 @@ BAD_CONFIGS = {
     "enum": (["--optimizer", "sgd"], "invalid choice 'sgd' for argument '--optimizer'"),
     "negative": (["--learning-rate", "-0.1"], "learning_rate=-0.1: must be >= 0.0"),
     "rate": (["--mixup", "-1"], "mixup=-1.0: must be >= 0.0"),
+    "affine": (["--affine-degrees", "200"], "affine_degrees=200.0: must be in [0.0, 180.0]"),
     "shards": (["--train-dataset-shards", "/nonexistent/train-{0000..0003}.tar"], "matches no shards"),
     "student": (["--distillation-type", "hard"], "distillation_type='hard' needs a distilled student (--distilled)"),
     "teacher": (["--distillation-type", "hard", "--distilled", "--pooling", "cls"], "distillation_type='hard' needs --teacher-ckpt"),
@@ -234,8 +235,9 @@ def test_five_percent_corrupt_data_trains_and_reports(env, tmp_path):
 @pytest.mark.slow
 def test_soak_three_kills_still_reaches_the_bar(env, tmp_path):
     """The README quickstart's recipe killed (SIGKILL) three times and resumed each time still
-    reaches the tiny-digits bar (>= 95.5% val top-1: the recipe reached 95.8-96.7% for three
-    init/shuffle seeds; sklearn's SVM and 3-NN reach 96.4% and 96.7% on this split)."""
+    reaches the tiny-digits bar (>= 96.5% val top-1, 348 of 360: uninterrupted, this seed pair
+    reached 97.8% on 2 cores and 97.5% on one; seeds 2 and 3 reached 95.3% and 96.7%; sklearn's
+    SVM and 3-NN reach 96.4% and 96.7% on this split)."""
     out = tmp_path / "digits"
     cmd = [sys.executable, "src/train.py", "recipes:tiny-digits", "--no-progress", "--output-dir", str(out),
            "--checkpoint-interval", "100"]
@@ -254,4 +256,4 @@ def test_soak_three_kills_still_reaches_the_bar(env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     result = json.loads((out / "results.json").read_text())
-    assert result["step"] == 1500 and result["val/acc1"] >= 0.955, result
+    assert result["step"] == 1500 and result["val/acc1"] >= 0.965, result

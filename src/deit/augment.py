@@ -10,11 +10,12 @@ jitted step:
 
 Per image, in deit3-jax's (and timm's) order:
 
-    horizontal flip -> policy -> color jitter -> [erasing 'torchvision'] -> normalise -> [erasing 'pixel']
+    [affine] -> horizontal flip -> policy -> color jitter -> [erasing 'torchvision'] -> normalise -> [erasing 'pixel']
 
 The policy is `auto_augment`: a timm RandAugment string such as 'rand-m9-mstd0.5-inc1'
 (`deit.randaugment`; its geometric ops fill with `AugmentConfig.geometric_fill`), or '3a' for
-DeiT-III's 3-Augment (here). Color jitter has torchvision semantics. Random erasing
+DeiT-III's 3-Augment (here). The affine (`affine_*`, off in every ImageNet recipe) is
+torchvision's RandomAffine, for small images such as digits. Color jitter has torchvision semantics. Random erasing
 (`deit.erasing`, `AugmentConfig.random_erasing_mode`) is deit3-jax's torchvision mode on the
 [0, 255] image or timm's 'pixel' mode on the normalised one. The ops are `deit.imageops`,
 faithful to PIL. Every image draws from its own key (split from the step key by its index in
@@ -34,6 +35,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
 from deit.config import AugmentConfig
 from deit.erasing import random_erasing
+from deit import imageops
 from deit.imageops import (FILL, Image, Number, Out, Scalar, brightness, color, contrast, gaussian_blur, grayscale,
                            hflip, solarize)
 from deit.model import normalize
@@ -102,6 +104,47 @@ def color_jitter(key: PRNGKeyArray, image: Image, brightness_: Number = 0.0, con
     return apply_color_jitter(params, image, (brightness_ > 0, contrast_ > 0, saturation > 0))
 
 
+def sample_affine(key: PRNGKeyArray, degrees: Number = 0.0, translate: Number = 0.0, scale: Number = 0.0,
+                  shear: Number = 0.0, size: tuple[int, int] = (224, 224)) -> dict[str, jax.Array]:
+    """torchvision RandomAffine.get_params for RandomAffine(degrees, translate=(t, t),
+    scale=(1 - s, 1 + s), shear=shear): angle and x-shear uniform in +-, the shift uniform in
+    +-t x size rounded to whole pixels, the scale uniform; a zero range draws its identity."""
+    k_angle, k_tx, k_ty, k_scale, k_shear = jax.random.split(key, 5)
+    u = lambda k, lo, hi: jax.random.uniform(k, minval=lo, maxval=hi)  # noqa: E731
+    h, w = size
+    t = float(translate)
+    return dict(angle=u(k_angle, -float(degrees), float(degrees)),
+                translate=jnp.stack([jnp.round(u(k_tx, -t * w, t * w)), jnp.round(u(k_ty, -t * h, t * h))]),
+                scale=u(k_scale, 1.0 - float(scale), 1.0 + float(scale)),
+                shear=u(k_shear, -float(shear), float(shear)))
+
+
+def affine_coeffs(params: Params, h: int, w: int) -> Float[Array, "6"]:
+    """PIL's inverse-map coefficients of torchvision's affine(angle, translate, scale, shear=(sx, 0)):
+    about the centre (w/2, h/2), as torchvision's PIL path; angle and shear in degrees."""
+    rot, sx = jnp.deg2rad(params["angle"]), jnp.deg2rad(params["shear"])
+    tx, ty = params["translate"][0], params["translate"][1]
+    cx, cy = w * 0.5, h * 0.5
+    # forward map: translate . centre . rotate . shear_x . scale . centre^-1; its rotation-shear part
+    a, b = jnp.cos(rot), -jnp.cos(rot) * jnp.tan(sx) - jnp.sin(rot)
+    c, d = jnp.sin(rot), -jnp.sin(rot) * jnp.tan(sx) + jnp.cos(rot)
+    # inverse (the determinant of rotation . shear is 1), then the centre and shift
+    ia, ib, ic, id_ = d / params["scale"], -b / params["scale"], -c / params["scale"], a / params["scale"]
+    e = ia * (-cx - tx) + ib * (-cy - ty) + cx
+    f = ic * (-cx - tx) + id_ * (-cy - ty) + cy
+    return jnp.stack([ia, ib, e, ic, id_, f])
+
+
+def random_affine(key: PRNGKeyArray, image: Image, degrees: Number = 0.0, translate: Number = 0.0,
+                  scale: Number = 0.0, shear: Number = 0.0) -> Out:
+    """torchvision RandomAffine(degrees, (translate, translate), (1 - scale, 1 + scale), shear,
+    interpolation=BILINEAR, fill=0) on a PIL image: black where the map leaves the image."""
+    x = jnp.asarray(image, jnp.float32)
+    h, w = x.shape[0], x.shape[1]
+    params = sample_affine(key, degrees, translate, scale, shear, (h, w))
+    return imageops.affine(x, affine_coeffs(params, h, w), (0, 0, 0), "bilinear")
+
+
 def random_hflip(key: PRNGKeyArray, image: Image, p: Scalar = 0.5) -> Out:
     x = jnp.asarray(image, jnp.float32)
     return jnp.where(jax.random.uniform(key) < p, hflip(x), x)
@@ -124,11 +167,18 @@ def policy(auto_augment: str | None,
     raise ValueError(f"auto_augment={auto_augment!r}: allowed None, 'none', '3a' or a timm 'rand-...' string")
 
 
+def has_affine(cfg: AugmentConfig) -> bool:
+    return (cfg.affine_degrees, cfg.affine_translate, cfg.affine_scale, cfg.affine_shear) != (0, 0, 0, 0)
+
+
 def augment_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Image) -> Float[Array, "h w 3"]:
-    """The whole per-image train transform: flip, policy, jitter, erase ('torchvision' mode, on
+    """The whole per-image train transform: affine, flip, policy, jitter, erase ('torchvision' mode, on
     the [0, 255] image, as deit3-jax erases the uint8 PIL image), normalise, erase ('pixel' mode)."""
     k_flip, k_policy, k_jitter, k_erase = jax.random.split(key, 4)
     x = jnp.asarray(image, jnp.float32)
+    if has_affine(cfg):  # its own key (folded in): the other ops draw as without it
+        x = random_affine(jax.random.fold_in(key, 4), x, cfg.affine_degrees, cfg.affine_translate,
+                          cfg.affine_scale, cfg.affine_shear)
     if cfg.hflip > 0:
         x = random_hflip(k_flip, x, cfg.hflip)
     pol = policy(cfg.auto_augment, GEOMETRIC_FILLS[cfg.geometric_fill])
@@ -154,7 +204,8 @@ def train_transform(cfg: AugmentConfig, key: PRNGKeyArray, images: Images,
     `deit.perdevice.map_images`): 'auto' picks by backend, a test pins 'map' or 'vmap'.
     """
     images = jnp.asarray(images)
-    if cfg.auto_augment in (None, "", "none") and cfg.color_jitter <= 0 and cfg.random_erasing <= 0:
+    if (cfg.auto_augment in (None, "", "none") and cfg.color_jitter <= 0 and cfg.random_erasing <= 0
+            and not has_affine(cfg)):
         x = images.astype(jnp.float32)
         if cfg.hflip > 0:
             flip = jax.random.uniform(key, (x.shape[0],)) < cfg.hflip
@@ -171,6 +222,6 @@ def eval_transform(images: Images) -> Float[Array, "b h w 3"]:
 
 
 __all__ = [
-    "Images", "apply_color_jitter", "apply_three_augment", "augment_one", "color_jitter", "eval_transform", "policy",
-    "random_hflip", "sample_color_jitter", "sample_three_augment", "three_augment", "train_transform",
+    "Images", "affine_coeffs", "apply_color_jitter", "apply_three_augment", "augment_one", "color_jitter",
+    "eval_transform", "has_affine", "policy", "random_affine", "random_hflip", "sample_affine", "sample_color_jitter", "sample_three_augment", "three_augment", "train_transform",
 ]

@@ -165,6 +165,13 @@ class AugmentConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_seed: int = 1
+    affine_degrees: float = 0.0
+    """torchvision RandomAffine per image (bilinear, black fill), before the flip: rotation
+    uniform in +-degrees, shift in +-affine_translate x size (whole pixels), scale in
+    1 +- affine_scale, x-shear in +-affine_shear degrees; all 0 (the default): off."""
+    affine_translate: float = 0.0
+    affine_scale: float = 0.0
+    affine_shear: float = 0.0
 
     def __post_init__(self):
         _check([
@@ -176,7 +183,10 @@ class AugmentConfig:
             _min("color_jitter", self.color_jitter, 0.0), _in("random_erasing", self.random_erasing, 0.0, 1.0),
             _min("augment_repeats", self.augment_repeats, 1),
             _in("test_crop_ratio", self.test_crop_ratio, 0.0, 1.0, lo_open=True), _in("hflip", self.hflip, 0.0, 1.0),
-            _min("mixup", self.mixup, 0.0), _min("cutmix", self.cutmix, 0.0)])
+            _min("mixup", self.mixup, 0.0), _min("cutmix", self.cutmix, 0.0),
+            _in("affine_degrees", self.affine_degrees, 0.0, 180.0), _in("affine_translate", self.affine_translate, 0.0, 1.0),
+            _in("affine_scale", self.affine_scale, 0.0, 1.0, hi_open=True),
+            _in("affine_shear", self.affine_shear, 0.0, 90.0, hi_open=True)])
 
 
 @dataclasses.dataclass(frozen=True)
