@@ -288,9 +288,29 @@ def test_random_affine_matches_torchvision_with_same_draws():
         assert diff.mean() <= 0.05 and diff.max() <= 1, (seed, diff.mean(), diff.max())  # f32 vs double maps
 
 
+def test_elastic_matches_torchvision_with_same_displacement():
+    import torch
+
+    a = PHOTOS["coffee97x131"]
+    h, w = a.shape[:2]
+    for seed, (alpha, sigma) in enumerate([(50.0, 5.0), (80.0, 3.0), (20.0, 0.0)]):
+        d = A.sample_elastic(jax.random.key(seed), alpha, sigma, (h, w))
+        if sigma > 0:  # the field: torchvision's blur of the same uniform noise, times alpha / 2
+            u = jax.random.uniform(jax.random.key(seed), (2, h, w), minval=-1.0, maxval=1.0)
+            k = int(8 * sigma + 1) + (1 - int(8 * sigma + 1) % 2)
+            blurred = TF.gaussian_blur(torch.from_numpy(np.asarray(u))[:, None], [k, k], [sigma, sigma])
+            np.testing.assert_allclose(np.asarray(d), blurred[:, 0].permute(1, 2, 0).numpy() * alpha / 2, atol=1e-4)
+        grid = torch.from_numpy(np.asarray(d) * (2.0 / np.array([w, h], np.float32)))[None]  # pixels -> grid units
+        ref = TF.elastic_transform(Image.fromarray(a), grid, interpolation=TF.InterpolationMode.BILINEAR)
+        diff = np.abs(np.asarray(A.elastic(a, d)).astype(int) - np.asarray(ref).astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (alpha, sigma, diff.max(), diff.mean())
+    moved = A.random_elastic(jax.random.key(0), a, 50.0, 5.0)
+    assert moved.shape == a.shape and not np.array_equal(np.asarray(moved), a)
+
+
 def test_affine_is_off_by_default_and_draws_apart_from_the_other_ops():
-    assert not A.has_affine(AugmentConfig()) and all(
-        not A.has_affine(from_flat(json.loads(f.read_text())).augment)
+    assert not A.has_geometric(AugmentConfig()) and all(
+        not A.has_geometric(from_flat(json.loads(f.read_text())).augment)
         for f in (ROOT / "recipes").glob("deit*.json"))
     x, key = jnp.asarray(batch(2, 32)[0]), jax.random.key(5)
     jitter = AugmentConfig(color_jitter=0.3, hflip=0.0, random_crop="none")
@@ -321,17 +341,23 @@ def batch(n: int = 8, size: int = 32) -> np.ndarray:
 
 
 def test_tiny_digits_transform_is_affine_then_normalisation():
-    """The quickstart's per-image transform: torchvision's RandomAffine (no crop, no flip, no
-    policy), normalised; Mixup as configured and smoothed one-hot targets."""
+    """The quickstart's per-image transform: torchvision's RandomAffine (and ElasticTransform
+    where set; no crop, no flip, no policy), normalised; Mixup as configured and smoothed one-hot targets."""
     full = from_flat(json.loads((ROOT / "recipes" / "tiny-digits.json").read_text()))
     cfg = full.augment
     assert cfg.auto_augment is None and cfg.hflip == 0 and cfg.random_crop == "none" and cfg.cutmix == 0
     assert A.has_affine(cfg) and cfg.color_jitter == cfg.random_erasing == 0
     x, key = jnp.asarray(batch(4, 32)), jax.random.key(0)
     out = jax.jit(lambda k, im: A.train_transform(cfg, k, im))(key, x)
-    expect = jnp.stack([normalize(A.random_affine(jax.random.fold_in(k, 4), im, cfg.affine_degrees,
-                                                  cfg.affine_translate, cfg.affine_scale, cfg.affine_shear))
-                        for k, im in zip(jax.random.split(key, 4), x)])
+
+    def one(k, im):
+        im = A.random_affine(jax.random.fold_in(k, 4), im, cfg.affine_degrees, cfg.affine_translate,
+                             cfg.affine_scale, cfg.affine_shear)
+        if cfg.elastic_alpha > 0:
+            im = A.random_elastic(jax.random.fold_in(k, 5), im, cfg.elastic_alpha, cfg.elastic_sigma)
+        return normalize(im)
+
+    expect = jnp.stack([one(k, im) for k, im in zip(jax.random.split(key, 4), x)])
     np.testing.assert_allclose(np.asarray(out), np.asarray(expect), atol=1e-5)
     t = M.one_hot_targets(full.loss, jnp.array([1, 2, 3, 4]), 10)
     np.testing.assert_allclose(np.asarray(t.sum(1)), 1.0, rtol=1e-6)

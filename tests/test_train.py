@@ -155,3 +155,46 @@ def test_train_step_compiles_once_per_run(tmp_path, caplog):
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "train/loss" in e] == [2, 4, 6, 8, 10]
     assert [e["step"] for e in events if "val/acc1" in e] == [3, 6, 9, 10]
+
+
+def test_loop_dispatches_the_next_step_before_reading_the_last(tmp_path, monkeypatch):
+    """Logging every step, the host still dispatches step N+1 before step N's metrics are
+    ready: each step's loss is held back on the device by a deliberately slow callback
+    (0.3 s), and every dispatch but the first must come before the previous step's loss exists.
+    Only the last step, whose state the run then saves, is waited for."""
+    import time
+
+    import jax
+    from jax.experimental import io_callback
+
+    from deit import trainer
+
+    dispatched: list[float] = []
+    ready: dict[int, float] = {}
+    real_make = trainer.make_train_step
+
+    def record(loss, idx):
+        time.sleep(0.3)
+        ready[int(idx)] = time.perf_counter()
+        return loss
+
+    hold = jax.jit(lambda loss, idx: io_callback(record, jax.ShapeDtypeStruct(loss.shape, loss.dtype), loss, idx))
+
+    def slow_make(*args, **kwargs):
+        real = real_make(*args, **kwargs)
+
+        def step(state, images, labels, teacher=None):
+            dispatched.append(time.perf_counter())
+            state, metrics = real(state, images, labels, teacher)
+            return state, dict(metrics, loss=hold(metrics["loss"], np.int32(len(dispatched) - 1)))
+        return step
+
+    monkeypatch.setattr(trainer, "make_train_step", slow_make)
+    train_cli.main(["recipes:tiny-digits", "--no-progress", "--layers", "1", "--dim", "32", "--heads", "2",
+                    "--training-steps", "6", "--log-interval", "1", "--eval-interval", "100",
+                    "--checkpoint-interval", "0", "--output-dir", str(tmp_path / "run")])
+    assert len(dispatched) == 6 and sorted(ready) == list(range(6))
+    ahead = [dispatched[i + 1] < ready[i] for i in range(5)]
+    assert all(ahead), (ahead, [round(ready[i] - dispatched[i + 1], 3) for i in range(5)])
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "train/loss" in e] == [1, 2, 3, 4, 5, 6]  # every step still logged

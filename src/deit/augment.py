@@ -145,6 +145,58 @@ def random_affine(key: PRNGKeyArray, image: Image, degrees: Number = 0.0, transl
     return imageops.affine(x, affine_coeffs(params, h, w), (0, 0, 0), "bilinear")
 
 
+def sample_elastic(key: PRNGKeyArray, alpha: Number, sigma: Number,
+                   size: tuple[int, int]) -> Float[Array, "h w 2"]:
+    """torchvision ElasticTransform.get_params, in pixels: per axis, uniform noise in [-1, 1)
+    blurred by a Gaussian of `sigma` (kernel int(8 sigma + 1), made odd; reflect padding), times
+    alpha / 2 (torchvision's alpha / size in grid units, whose half-width is size / 2 pixels).
+    [..., 0] is the x displacement, [..., 1] the y one."""
+    h, w = size
+    sigma = float(sigma)
+    u = jax.random.uniform(key, (2, h, w), minval=-1.0, maxval=1.0)
+    if sigma > 0:
+        k = int(8 * sigma + 1)
+        k += 1 - k % 2
+        t = jnp.arange(k, dtype=jnp.float32) - (k - 1) / 2
+        g = jnp.exp(-0.5 * (t / sigma) ** 2)
+        g = g / g.sum()
+        r = k // 2
+        u = jnp.pad(u, ((0, 0), (r, r), (r, r)), mode="reflect")
+        u = sum(g[i] * u[:, :, i:i + w] for i in range(k))  # along x, then y (separable)
+        u = sum(g[i] * u[:, i:i + h, :] for i in range(k))
+    return jnp.moveaxis(u, 0, -1) * (float(alpha) / 2.0)
+
+
+def elastic(image: Image, displacement: Float[Array, "h w 2"]) -> Out:
+    """torchvision F.elastic_transform (bilinear, zeros outside) with a pixel displacement:
+    output pixel (x, y) samples the input at (x + dx, y + dy), pixel centres at integers; the
+    result rounded to integer levels, as torchvision casts a uint8 image back."""
+    x = jnp.asarray(image, jnp.float32)
+    h, w = x.shape[0], x.shape[1]
+    xs = jnp.arange(w, dtype=jnp.float32)[None, :] + displacement[..., 0]
+    ys = jnp.arange(h, dtype=jnp.float32)[:, None] + displacement[..., 1]
+    x0, y0 = jnp.floor(xs), jnp.floor(ys)
+    fx, fy = (xs - x0)[..., None], (ys - y0)[..., None]
+    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+    flat = x.reshape(h * w, -1)
+
+    def tap(i, j):
+        yy, xx = y0 + i, x0 + j
+        ok = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w))[..., None]
+        v = jnp.take(flat, (jnp.clip(yy, 0, h - 1) * w + jnp.clip(xx, 0, w - 1)).reshape(-1), axis=0)
+        return jnp.where(ok, v.reshape(h, w, -1), 0.0)
+
+    top = tap(0, 0) * (1 - fx) + tap(0, 1) * fx
+    bottom = tap(1, 0) * (1 - fx) + tap(1, 1) * fx
+    return jnp.round(top * (1 - fy) + bottom * fy)
+
+
+def random_elastic(key: PRNGKeyArray, image: Image, alpha: Number = 50.0, sigma: Number = 5.0) -> Out:
+    """torchvision ElasticTransform(alpha, sigma, interpolation=BILINEAR, fill=0)."""
+    x = jnp.asarray(image, jnp.float32)
+    return elastic(x, sample_elastic(key, alpha, sigma, (x.shape[0], x.shape[1])))
+
+
 def random_hflip(key: PRNGKeyArray, image: Image, p: Scalar = 0.5) -> Out:
     x = jnp.asarray(image, jnp.float32)
     return jnp.where(jax.random.uniform(key) < p, hflip(x), x)
@@ -171,6 +223,11 @@ def has_affine(cfg: AugmentConfig) -> bool:
     return (cfg.affine_degrees, cfg.affine_translate, cfg.affine_scale, cfg.affine_shear) != (0, 0, 0, 0)
 
 
+def has_geometric(cfg: AugmentConfig) -> bool:
+    """The small-image warps (affine, elastic) are on."""
+    return has_affine(cfg) or cfg.elastic_alpha > 0
+
+
 def augment_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Image) -> Float[Array, "h w 3"]:
     """The whole per-image train transform: affine, flip, policy, jitter, erase ('torchvision' mode, on
     the [0, 255] image, as deit3-jax erases the uint8 PIL image), normalise, erase ('pixel' mode)."""
@@ -179,6 +236,8 @@ def augment_one(cfg: AugmentConfig, key: PRNGKeyArray, image: Image) -> Float[Ar
     if has_affine(cfg):  # its own key (folded in): the other ops draw as without it
         x = random_affine(jax.random.fold_in(key, 4), x, cfg.affine_degrees, cfg.affine_translate,
                           cfg.affine_scale, cfg.affine_shear)
+    if cfg.elastic_alpha > 0:
+        x = random_elastic(jax.random.fold_in(key, 5), x, cfg.elastic_alpha, cfg.elastic_sigma)
     if cfg.hflip > 0:
         x = random_hflip(k_flip, x, cfg.hflip)
     pol = policy(cfg.auto_augment, GEOMETRIC_FILLS[cfg.geometric_fill])
@@ -205,7 +264,7 @@ def train_transform(cfg: AugmentConfig, key: PRNGKeyArray, images: Images,
     """
     images = jnp.asarray(images)
     if (cfg.auto_augment in (None, "", "none") and cfg.color_jitter <= 0 and cfg.random_erasing <= 0
-            and not has_affine(cfg)):
+            and not has_geometric(cfg)):
         x = images.astype(jnp.float32)
         if cfg.hflip > 0:
             flip = jax.random.uniform(key, (x.shape[0],)) < cfg.hflip
@@ -223,5 +282,6 @@ def eval_transform(images: Images) -> Float[Array, "b h w 3"]:
 
 __all__ = [
     "Images", "affine_coeffs", "apply_color_jitter", "apply_three_augment", "augment_one", "color_jitter",
-    "eval_transform", "has_affine", "policy", "random_affine", "random_hflip", "sample_affine", "sample_color_jitter", "sample_three_augment", "three_augment", "train_transform",
+    "elastic", "eval_transform", "has_affine", "has_geometric", "policy", "random_affine", "random_elastic",
+    "random_hflip", "sample_affine", "sample_elastic", "sample_color_jitter", "sample_three_augment", "three_augment", "train_transform",
 ]

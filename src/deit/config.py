@@ -172,6 +172,10 @@ class AugmentConfig:
     affine_translate: float = 0.0
     affine_scale: float = 0.0
     affine_shear: float = 0.0
+    elastic_alpha: float = 0.0
+    """torchvision ElasticTransform(elastic_alpha, elastic_sigma) per image after the affine
+    (bilinear, black fill): a smooth random displacement field; 0 (the default): off."""
+    elastic_sigma: float = 5.0
 
     def __post_init__(self):
         _check([
@@ -186,7 +190,8 @@ class AugmentConfig:
             _min("mixup", self.mixup, 0.0), _min("cutmix", self.cutmix, 0.0),
             _in("affine_degrees", self.affine_degrees, 0.0, 180.0), _in("affine_translate", self.affine_translate, 0.0, 1.0),
             _in("affine_scale", self.affine_scale, 0.0, 1.0, hi_open=True),
-            _in("affine_shear", self.affine_shear, 0.0, 90.0, hi_open=True)])
+            _in("affine_shear", self.affine_shear, 0.0, 90.0, hi_open=True),
+            _min("elastic_alpha", self.elastic_alpha, 0.0), _min("elastic_sigma", self.elastic_sigma, 0.0)])
 
 
 @dataclasses.dataclass(frozen=True)

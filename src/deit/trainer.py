@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -153,21 +154,43 @@ def open_run(cfg: Config, out: str, mesh: jax.sharding.Mesh, writer: checkpoint.
     return Run(cfg, out, mesh, batches, tracker, bar, writer, 3 * forward_flops(cfg.model), peak)  # fwd + bwd
 
 
-def log_metrics(run: Run, step: int, state: TrainState, window: Window) -> None:
-    """The window's mean train metrics, throughput and MFU (model FLOPs only, no remat recompute)."""
-    means = {k: float(np.mean([float(m[k]) for m in window.metrics])) for k in window.metrics[0] if k != "bad_streak"}
-    elapsed = time.perf_counter() - window.start
-    ips = window.images / elapsed
-    log = {f"train/{k}": v for k, v in means.items()}
-    log["train/data_wait"] = window.waited / elapsed  # the share of wall time spent waiting for batches
-    log["train/skipped_steps"] = float(state.skipped)
-    log["train/images_per_sec"] = ips
-    log["train/tflops_per_sec"] = ips * run.flops_per_image / 1e12
-    log["train/mfu"] = ips * run.flops_per_image / run.peak_flops
-    log["train/skipped_samples"] = float(runtime.total_skipped(run.batches))
-    run.tracker.log(step, log)
-    run.bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}", lr=f"{means['lr']:.2e}")
+@dataclasses.dataclass
+class PendingLog:
+    """A closed log window whose device values are not read yet: `write_log` reads them after
+    the next step is dispatched, so logging never leaves the device idle."""
+
+    step: int
+    metrics: list[dict[str, jax.Array]]
+    images: int
+    elapsed: float
+    waited: float
+    skipped_steps: jax.Array
+    skipped_samples: int
+
+
+def close_window(run: Run, step: int, state: TrainState, window: Window) -> PendingLog:
+    """The window's host-side figures (time, images, waits, skipped samples) now, its metrics as
+    device arrays; the window restarts."""
+    # A copy of the counter: the next step donates the state's own buffer.
+    log = PendingLog(step, window.metrics, window.images, time.perf_counter() - window.start, window.waited,
+                     jnp.copy(state.skipped), runtime.total_skipped(run.batches))
     window.reset()
+    return log
+
+
+def write_log(run: Run, log: PendingLog) -> None:
+    """The window's mean train metrics, throughput and MFU (model FLOPs only, no remat recompute)."""
+    means = {k: float(np.mean([float(m[k]) for m in log.metrics])) for k in log.metrics[0] if k != "bad_streak"}
+    ips = log.images / log.elapsed
+    out = {f"train/{k}": v for k, v in means.items()}
+    out["train/data_wait"] = log.waited / log.elapsed  # the share of wall time spent waiting for batches
+    out["train/skipped_steps"] = float(log.skipped_steps)
+    out["train/images_per_sec"] = ips
+    out["train/tflops_per_sec"] = ips * run.flops_per_image / 1e12
+    out["train/mfu"] = ips * run.flops_per_image / run.peak_flops
+    out["train/skipped_samples"] = float(log.skipped_samples)
+    run.tracker.log(log.step, out)
+    run.bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}", lr=f"{means['lr']:.2e}")
 
 
 def run_eval(run: Run, step: int, state: TrainState) -> dict[str, float]:
@@ -224,6 +247,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> dict[str, float]:
     run = open_run(cfg, out, mesh, writer, start, resumed, loader_state)
     results: dict[str, float] = {}
     window, streak, preempt = Window(), BadStreak(cfg.max_bad_steps, out), runtime.Preemption()
+    pending: PendingLog | None = None
     try:
         for step in range(start, total):
             waiting = time.perf_counter()
@@ -231,14 +255,21 @@ def train(cfg: Config, hooks: Hooks | None = None) -> dict[str, float]:
             waited = time.perf_counter() - waiting
             state, metrics = train_step(state, *sharding.shard_batch(mesh, images, labels), teacher)
             done = step + 1
+            if pending is not None:  # the last window's metrics, read now that this step is queued
+                write_log(run, pending)
+                pending = None
             window.add(metrics, cfg.data.train_batch_size, waited)
             run.bar.update(1)
             logs, evals = itstime(done, cfg.log_interval, total), itstime(done, cfg.eval_interval, total)
             interval, keep = itstime(done, cfg.checkpoint_interval), itstime(done, cfg.keep_interval)
             preempted = preempt.agreed(done) and done < total  # every step: see Preemption
-            streak.check(metrics, done, now=logs or evals or interval or keep or preempted)
+            acts = evals or interval or keep or preempted or done == total  # the host waits for this step anyway
+            streak.check(metrics, done, now=acts)
             if logs:
-                log_metrics(run, done, state, window)
+                pending = close_window(run, done, state, window)
+                if acts:  # logged before the evaluation / checkpoint it precedes in metrics.jsonl
+                    write_log(run, pending)
+                    pending = None
             improved = False
             if evals and validation:
                 results = run_eval(run, done, state)
