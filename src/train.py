@@ -3,7 +3,8 @@
 Every recipe in `recipes/` is a subcommand; flags override its fields (deit3-jax's names).
 `--dry-run` prints the resolved config, parameter count and forward FLOPs as JSON and exits.
 With `--memory-report N` it adds XLA's per-device memory and compile time of the train step
-on N fake CPU devices (`deit.memory`). `main(argv, hooks)` runs in-process; `hooks`
+on N fake CPU devices, with `--memory-report-tpu TOPOLOGY` the TPU compiler's for a TPU slice
+(`deit.memory`). `main(argv, hooks)` runs in-process; `hooks`
 (a `deit.trainer.Hooks`) is how the tests inject faults (`tests/faults.py`).
 """
 
@@ -59,11 +60,15 @@ def main(argv: list[str] | None = None, hooks=None) -> None:
     cfg = parse_or_exit(argv)
     if cfg.dry_run:
         info = {"config": cfg.to_dict(), "params": count_params(cfg.model), "flops": forward_flops(cfg.model)}
-        if cfg.memory_report:  # compiled in a subprocess: its fake device count is fixed before JAX starts
+        # compiled in a subprocess: its fake device count (or libtpu's setup) is fixed before JAX starts
+        reports = {"memory": cfg.memory_report or None, "memory_tpu": cfg.memory_report_tpu}
+        for key, target in reports.items():
+            if not target:
+                continue
             from deit.memory import report_subprocess
 
             try:
-                info["memory"] = report_subprocess(cfg, cfg.memory_report)
+                info[key] = report_subprocess(cfg, target)
             except (ValueError, RuntimeError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 sys.exit(2 if isinstance(e, ValueError) else 1)

@@ -90,3 +90,42 @@ def test_device_env_sets_exactly_one_device_count():
     assert env["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=32"
     assert env["JAX_PLATFORMS"] == "cpu"
     assert env["PYTHONPATH"].split(":") == [str(ROOT / "src"), "/x"]
+
+
+# ----------------------------------------------------------------------------- the TPU compiler
+
+
+def _has_libtpu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="TPU compile-only needs libtpu: pip install -e '.[tpu]'")
+def test_tpu_compiler_report_for_a_v4_slice():
+    """tiny-digits' real train step compiled by the TPU compiler for a v4-8 (4 chips, 8 AOT
+    devices: one per TensorCore), with no TPU: per-device HBM by kind against 16 GiB."""
+    r = subprocess.run([sys.executable, "src/train.py", "recipes:tiny-digits", "--dry-run",
+                        "--memory-report-tpu", "v4:2x2x1", "--train-batch-size", "64"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["memory_tpu"]
+    assert m["backend"].startswith("tpu") and m["device_kind"] == "TPU v4" and m["topology"] == "v4:2x2x1"
+    assert (m["devices"], m["chips"], m["devices_per_chip"], m["per_device_batch"]) == (8, 4, 2, 8)
+    assert m["hbm_gib_per_device"] == 16.0 and m["fits"] is True
+    b = m["bytes_per_device"]
+    assert b["total"] == b["argument"] + b["output"] - b["alias"] + b["temp"] + b["generated_code"] > 0
+    assert m["gib_per_chip"] == pytest.approx(2 * m["gib_per_device"]["total"], abs=2e-3)
+    assert m["compile_s"] > 0 and m["mesh"] == {"data": 8, "fsdp": 1}
+    # the same step on 8 fake CPU devices: the arguments (sharded state + batch) agree in size
+    cpu = memory.report(recipes.load("tiny-digits"), 8) if len(jax.devices()) >= 8 else None
+    if cpu is not None and cpu["per_device_batch"] == m["per_device_batch"]:
+        assert cpu["bytes_per_device"]["argument"] == pytest.approx(b["argument"], rel=0.01)
+
+
+def test_bad_tpu_topology_is_one_line_exit_2():
+    r = subprocess.run([sys.executable, "src/train.py", "recipes:tiny-digits", "--dry-run",
+                        "--memory-report-tpu", "v4-64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "memory_report_tpu='v4-64': allowed a TPU topology such as 'v4:4x4x2'" in err[0], err

@@ -25,7 +25,7 @@ README = (ROOT / "README.md").read_text()
 SEED_README = ROOT.parent / "shared" / "seed" / "deit3-jax-README.md"
 QUICKSTART = [
     "python3.11 -m venv .venv && . .venv/bin/activate && pip install -e . && python src/train.py recipes:tiny-digits",
-    '. .venv/bin/activate && pip install -e ".[dev]" && pytest',
+    '. .venv/bin/activate && pip install -e ".[dev,tpu]" && pytest',
 ]
 FEATURES = "| | deit (this repo) | deit3-jax | facebookresearch/deit | timm |"
 BLOCK = re.compile(r"^(<!-- test -->\n)?```(\w+)\n(.*?)^```$", re.M | re.S)

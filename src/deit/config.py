@@ -299,6 +299,9 @@ class Config:
     loader-state gathers, barriers) before it stops with one line naming the processes it waited for."""
     memory_report: int = 0
     """With --dry-run: compile the train step on this many fake devices and add XLA's per-device memory."""
+    memory_report_tpu: str | None = None
+    """With --dry-run: compile the train step with the TPU compiler for this topology (e.g.
+    'v4:4x4x2' = v4-64) and add its per-device memory against the chip's HBM (needs `.[tpu]`)."""
     pretrained_ckpt: str | None = None
     output_dir: str = "outputs/run"
     aim_repo: str | None = None
@@ -315,6 +318,9 @@ class Config:
                 _min("eval_interval", self.eval_interval, 1), _min("checkpoint_interval", self.checkpoint_interval, 0),
                 _min("keep_interval", self.keep_interval, 0), _min("max_bad_steps", self.max_bad_steps, 1),
                 _min("memory_report", self.memory_report, 0), _min("host_timeout", self.host_timeout, 1),
+                (self.memory_report_tpu is None or re.fullmatch(r"v[0-9a-z]+:[0-9]+(x[0-9]+)*", self.memory_report_tpu),
+                 f"memory_report_tpu={self.memory_report_tpu!r}: allowed a TPU topology such as 'v4:4x4x2' (v4-64), "
+                 f"'v5e:4x4', 'v5p:2x2x2', 'v6e:4x4'"),
                 (self.num_processes is None or self.num_processes >= 1,
                  f"num_processes={self.num_processes}: must be >= 1"),
                 (self.process_id is None or self.num_processes is None or 0 <= self.process_id < self.num_processes,

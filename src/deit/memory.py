@@ -7,6 +7,14 @@ batch and compiled for a mesh of N devices. Here those are fake CPU devices, whi
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` is set before JAX starts: `report_subprocess`
 runs `python -m deit.memory N` with it (config JSON on stdin, report JSON on stdout). The figures
 are the CPU compiler's; a TPU/GPU compile fuses and schedules differently, so treat them as estimates.
+
+With a TPU topology instead (`--memory-report-tpu v4:4x4x2`, `report_subprocess(cfg, "v4:4x4x2")`)
+the step is compiled by the real TPU compiler, ahead of time, for the devices
+`jax.experimental.topologies` describes: no TPU needed, only libtpu (`pip install -e ".[tpu]"`).
+Those figures are the TPU's own; a step that does not fit the device's HBM does not compile
+(`fits` false, with the compiler's figures: temporaries needed, HBM available). The
+AOT topology has one device per TensorCore on v4 (two per chip: 32 GiB shared, 16 each) and
+one per chip on v5e, v5p (megacore) and v6e.
 """
 
 import json
@@ -30,6 +38,8 @@ from deit.steps import abstract_state, make_train_step
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 GIB = 2**30
+# HBM per chip by device_kind (Google Cloud's TPU specs); per device = per chip / devices per chip.
+TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 
 
 def abstract_batch(cfg: Config, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
@@ -76,14 +86,65 @@ def report(cfg: Config, n: int) -> dict[str, Any]:
     if len(jax.devices()) < n:
         raise ValueError(f"memory_report={n} needs {n} devices, JAX has {len(jax.devices())} "
                          f"(set XLA_FLAGS={DEVICE_COUNT_FLAG}={n} before JAX starts)")
+    out = _report(cfg, jax.devices()[:n])
+    out["backend"] = (f"{jax.default_backend()} (XLA {jax.default_backend().upper()} compiler estimates, "
+                      f"not TPU/GPU figures)")
+    return out
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU topology such as 'v4:4x4x2' (v4-64) or 'v5e:4x4', for compiling only."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # no libtpu, or a name libtpu does not know
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"memory_report_tpu={topology!r}: {why} (the TPU compiler comes with "
+                         f"pip install -e \".[tpu]\")") from None
+
+
+def tpu_report(cfg: Config, topology: str) -> dict[str, Any]:
+    """Per-device (and per-chip) memory of the train step from the TPU compiler for `topology`."""
+    devices = tpu_devices(topology)
+    chips = 1
+    for d in topology.split(":")[1].split("x"):
+        chips *= int(d)
+    kind, per_chip = devices[0].device_kind, len(devices) // chips
+    try:
+        out = _report(cfg, devices)
+    except Exception as e:  # the TPU compiler refuses a step that does not fit the HBM
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():
+            raise
+        first = next((line for line in msg.splitlines() if line.strip()), msg).strip()
+        out = {"devices": len(devices), "global_batch": cfg.data.train_batch_size,
+               "per_device_batch": cfg.data.train_batch_size // len(devices), "grad_ckpt": cfg.model.grad_ckpt,
+               "fits": False, "error": first[:500]}
+        # "... HLO temporaries (23.14G) exceeds available HBM (15.25G)": the compiler's own figures
+        for key, pattern in (("temp_gib_needed", r"temporaries \(([0-9.]+)G\)"),
+                             ("available_hbm_gib", r"available HBM \(([0-9.]+)G\)")):
+            found = re.search(pattern, first)
+            if found:
+                out[key] = float(found.group(1))
+    out.update(backend="tpu (the TPU compiler, ahead of time; no TPU used)", topology=topology,
+               device_kind=kind, chips=chips, devices_per_chip=per_chip)
+    if "gib_per_device" in out:  # compiled: the TPU compiler checked it against the device's HBM itself
+        out["fits"] = True
+        out["gib_per_chip"] = round(out["gib_per_device"]["total"] * per_chip, 3)
+    if kind in TPU_HBM_GIB:
+        out["hbm_gib_per_device"] = TPU_HBM_GIB[kind] / per_chip  # the spec; the compiler keeps some back
+    return out
+
+
+def _report(cfg: Config, devices: list) -> dict[str, Any]:
+    n = len(devices)
     check_divisible("train_batch_size", cfg.data.train_batch_size, n * cfg.optim.grad_accum,
                     f"devices x grad_accum = {n} x {cfg.optim.grad_accum}")
-    mesh = sharding.make_mesh(cfg.fsdp, jax.devices()[:n])
+    mesh = sharding.make_mesh(cfg.fsdp, devices)
     compiled, lower_s, compile_s = compile_train_step(cfg, mesh)
     stats = memory_stats(compiled)
-    out = {"backend": f"{jax.default_backend()} (XLA {jax.default_backend().upper()} compiler estimates, "
-                      f"not TPU/GPU figures)",
-           "devices": n, "mesh": dict(mesh.shape), "global_batch": cfg.data.train_batch_size,
+    out = {"devices": n, "mesh": dict(mesh.shape), "global_batch": cfg.data.train_batch_size,
            "per_device_batch": cfg.data.train_batch_size // n, "grad_ckpt": cfg.model.grad_ckpt,
            "bytes_per_device": stats, "gib_per_device": {k: round(v / GIB, 3) for k, v in stats.items()},
            "lower_s": round(lower_s, 2), "xla_compile_s": round(compile_s, 2),
@@ -93,35 +154,48 @@ def report(cfg: Config, n: int) -> dict[str, Any]:
     return out
 
 
-def device_env(n: int, env: dict[str, str] | None = None) -> dict[str, str]:
-    """`env` with XLA faking exactly `n` CPU devices (any other XLA flags kept) and CPU as the platform."""
+def device_env(n: int | str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` with CPU as the platform and XLA faking exactly `n` CPU devices (any other XLA flags
+    kept); for a TPU topology `n`, libtpu's host checks quieted instead (no TPU is opened)."""
     env = dict(os.environ if env is None else env)
     flags = re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).split()
-    env["XLA_FLAGS"] = " ".join(flags + [f"{DEVICE_COUNT_FLAG}={n}"])
+    if isinstance(n, int):
+        flags.append(f"{DEVICE_COUNT_FLAG}={n}")
+    else:  # compile-only: libtpu still looks for a TPU host unless told what it is
+        env.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
+        env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        env.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # a parent holding libtpu (TPU host or not) keeps its lockfile
+    env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     src = str(Path(__file__).resolve().parents[1])  # so `-m deit.memory` resolves to this package
     env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
-def report_subprocess(cfg: Config, n: int, timeout: float | None = None) -> dict[str, Any]:
-    """`report` in a fresh process with `n` fake CPU devices (this process's JAX may have started already)."""
+def report_subprocess(cfg: Config, n: int | str, timeout: float | None = None) -> dict[str, Any]:
+    """`report` in a fresh process with `n` fake CPU devices (this process's JAX may have started
+    already), or `tpu_report` for a TPU topology name `n`."""
     r = subprocess.run([sys.executable, "-m", "deit.memory", str(n)], input=cfg.to_json(), env=device_env(n),
                        capture_output=True, text=True, timeout=timeout)
+    what = f"{n} devices" if isinstance(n, int) else f"TPU topology {n}"
     if r.returncode:
-        lines = r.stderr.strip().splitlines()
+        lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error: ")] or \
+            r.stderr.strip().splitlines()
         why = lines[-1].removeprefix("error: ") if lines else f"exit status {r.returncode}"
         # exit 2: the config does not fit the mesh (a user error); anything else is a failure
-        raise (ValueError if r.returncode == 2 else RuntimeError)(f"memory report on {n} devices: {why}")
-    return json.loads(r.stdout)
+        raise (ValueError if r.returncode == 2 else RuntimeError)(f"memory report on {what}: {why}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
-        sys.exit("usage: python -m deit.memory N < config.json  (with XLA_FLAGS faking N devices)")
+    arg = sys.argv[1] if len(sys.argv) == 2 else ""
+    if not (arg.isdigit() and int(arg) >= 1) and ":" not in arg:
+        sys.exit("usage: python -m deit.memory N|TOPOLOGY < config.json  (N fake CPU devices via XLA_FLAGS, "
+                 "or a TPU topology such as v4:4x4x2)")
     cfg = from_dict(json.loads(sys.stdin.read()))
     try:
-        print(json.dumps(report(cfg, int(sys.argv[1]))))
+        print(json.dumps(report(cfg, int(arg)) if arg.isdigit() else tpu_report(cfg, arg)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
