@@ -32,6 +32,8 @@ EXCLUDED = {
     "augment.policy": "maps an auto_augment string (and a fill tuple) to a function; that function is "
                       "three_augment or rand_augment, both called below",
     "randaugment.parse_rand_augment": "parses a config string into a RandAugment",
+    "augment.has_affine": "reads an AugmentConfig: no array",
+    "augment.has_geometric": "reads an AugmentConfig: no array",
     "crop.bicubic_weights": "takes two sizes (ints), no array; cached by them; resize below uses it",
 }
 
@@ -64,6 +66,8 @@ LOSS = LossConfig(label_smoothing=0.1)
 # Draws kept as numpy, so the apply_* functions get numpy parameters.
 RA_PARAMS = jax.tree.map(np.asarray, RA.sample_rand_augment(RANDAUG, jax.random.key(3)))
 JITTER_PARAMS = jax.tree.map(np.asarray, A.sample_color_jitter(jax.random.key(4), 0.4, 0.4, 0.4))
+AFFINE_PARAMS = jax.tree.map(np.asarray, A.sample_affine(jax.random.key(5), 20, 0.125, 0.25, 10, (24, 32)))
+DISPLACEMENT = np.asarray(A.sample_elastic(jax.random.key(6), 50, 4, (24, 32)))
 
 
 @functools.cache
@@ -169,6 +173,12 @@ CALLS = {
     "augment.sample_color_jitter": lambda i: A.sample_color_jitter(KEY, i.n(0.375), i.n(0), i.n(1)),
     "augment.apply_color_jitter": lambda i: A.apply_color_jitter(i.a(JITTER_PARAMS), i.im(ASTRO), (True, False, True)),
     "augment.color_jitter": lambda i: A.color_jitter(KEY, i.im(ASTRO), i.n(0.375), i.n(0.25), i.n(0.5)),
+    "augment.sample_affine": lambda i: A.sample_affine(KEY, i.n(20), i.n(0.125), i.n(0.25), i.n(10), (24, 32)),
+    "augment.affine_coeffs": lambda i: A.affine_coeffs(i.a(AFFINE_PARAMS), 24, 32),
+    "augment.random_affine": lambda i: A.random_affine(KEY, i.im(ASTRO), i.n(20), i.n(0.125), i.n(0.25), i.n(10)),
+    "augment.sample_elastic": lambda i: A.sample_elastic(KEY, i.n(50), i.n(4), (24, 32)),
+    "augment.elastic": lambda i: A.elastic(i.im(ASTRO), i.a(DISPLACEMENT)),
+    "augment.random_elastic": lambda i: A.random_elastic(KEY, i.im(ASTRO), i.n(50), i.n(4)),
     "augment.random_hflip": lambda i: [A.random_hflip(KEY, i.im(ASTRO), i.s(p)) for p in (1, 0, 0.5)],
     "augment.augment_one": lambda i: A.augment_one(CFG, KEY, i.im(ASTRO)),
     # the per-image path (per_device, map_images) with its cheapest op; augment_one has them all

@@ -167,11 +167,11 @@ def sample_elastic(key: PRNGKeyArray, alpha: Number, sigma: Number,
     return jnp.moveaxis(u, 0, -1) * (float(alpha) / 2.0)
 
 
-def elastic(image: Image, displacement: Float[Array, "h w 2"]) -> Out:
+def elastic(image: Image, displacement: Float[Array | np.ndarray, "h w 2"]) -> Out:
     """torchvision F.elastic_transform (bilinear, zeros outside) with a pixel displacement:
     output pixel (x, y) samples the input at (x + dx, y + dy), pixel centres at integers; the
     result rounded to integer levels, as torchvision casts a uint8 image back."""
-    x = jnp.asarray(image, jnp.float32)
+    x, displacement = jnp.asarray(image, jnp.float32), jnp.asarray(displacement, jnp.float32)
     h, w = x.shape[0], x.shape[1]
     xs = jnp.arange(w, dtype=jnp.float32)[None, :] + displacement[..., 0]
     ys = jnp.arange(h, dtype=jnp.float32)[:, None] + displacement[..., 1]
