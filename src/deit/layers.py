@@ -13,7 +13,14 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
+
+# The values of a block kept for its backward pass (`jax.checkpoint_name`s below); everything
+# else (LayerNorms, GELU, softmax, layer scale, drop-path) is recomputed from them in the
+# backward. Under `lax.scan` every value the backward reads is written out, stacked over the
+# blocks, in its own dtype; this set is what an unrolled step's compiler keeps anyway.
+SAVED_RESIDUALS = ("qkv", "attn_out", "x_mid", "fc1")
 
 
 def trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float = 0.02) -> Array:
@@ -192,14 +199,17 @@ class Attention(eqx.Module):
 
     def _qkv(self, x: Float[Array, "b t d"]) -> tuple[Array, Array, Array]:
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads)
+        qkv = checkpoint_name(self.qkv(x), "qkv").reshape(b, t, 3, self.heads, d // self.heads)
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, heads, T, head_dim]
         return qkv[0], qkv[1], qkv[2]
 
     def _probs(self, q: Array, k: Array) -> Array:
         scale = 1.0 / math.sqrt(q.shape[-1])
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k)
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+        # The scale goes on the logits, not on q: q, k and v then reach only dots, so under the
+        # layer scan's residual policy (`SAVED_RESIDUALS`) the TPU compiler keeps the saved qkv
+        # in the dots' bf16 (DeiT-III B/16 on a v4: 0.35 GiB less per device).
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+        return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
     def __call__(self, x: Float[Array, "b t d"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
@@ -210,12 +220,12 @@ class Attention(eqx.Module):
             # [B, T, heads, hd] as jax.nn.dot_product_attention takes it; softmax in f32 inside
             qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
             out = jax.nn.dot_product_attention(qt, kt, vt, implementation=impl).reshape(b, t, d)
-            return self.proj_drop(self.proj(out), key=k2)
+            return self.proj_drop(self.proj(checkpoint_name(out, "attn_out")), key=k2)
         attn = self.attn_drop(self._probs(q, k), key=k1)
         # attn @ v in the [B, heads, T, hd] layout, then one transpose: asking the einsum for
         # bqhd directly makes XLA:CPU run it as a slow transposed-output batched dot.
         out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, t, d)
-        return self.proj_drop(self.proj(out), key=k2)
+        return self.proj_drop(self.proj(checkpoint_name(out, "attn_out")), key=k2)
 
 
 class Mlp(eqx.Module):
@@ -234,7 +244,7 @@ class Mlp(eqx.Module):
 
     def __call__(self, x: Float[Array, "b t d"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        x = self.drop(gelu(self.fc1(x), self.approximate_gelu), key=k1)
+        x = self.drop(gelu(checkpoint_name(self.fc1(x), "fc1"), self.approximate_gelu), key=k1)
         return self.drop(self.fc2(x), key=k2)
 
 
@@ -265,7 +275,7 @@ class Block(eqx.Module):
         keys = jax.random.split(key, 4) if key is not None else (None,) * 4
         y = self.attn(self.norm1(x), key=keys[0])
         y = self.ls1(y) if self.ls1 is not None else y
-        x = x + self.drop_path(y, key=keys[1])
+        x = checkpoint_name(x + self.drop_path(y, key=keys[1]), "x_mid")
         y = self.mlp(self.norm2(x), key=keys[2])
         y = self.ls2(y) if self.ls2 is not None else y
         return x + self.drop_path(y, key=keys[3])

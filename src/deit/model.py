@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
 from deit.config import ModelConfig
 from deit.sharding import constrain_batch
-from deit.layers import Block, Dropout, LayerNorm, Linear, PatchEmbed, trunc_normal
+from deit.layers import SAVED_RESIDUALS, Block, Dropout, LayerNorm, Linear, PatchEmbed, trunc_normal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,6 +139,8 @@ class ViT(eqx.Module):
 
         if self.cfg.grad_ckpt:
             body = jax.checkpoint(body)  # rematerialise each block in the backward pass
+        else:  # keep only the matmul outputs and the residual stream (see SAVED_RESIDUALS)
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*SAVED_RESIDUALS))
         keys = jax.random.split(key, self.cfg.layers) if key is not None else None
         x, _ = jax.lax.scan(body, x, (params, keys), unroll=self.cfg.scan_unroll)
         return x
