@@ -31,6 +31,14 @@ Subcommands:
             timm_train_mfu, timm_eval_mfu (timm's model FLOP/s over the same peak);
             on accelerators with a known spec (deit.hardware): vendor_peak_flops_per_s,
             vendor_peak_source, train_mfu_vendor. XLA flags come from $XLA_FLAGS (recorded).
+  device    the accelerator check, in at most --budget-s (8 min): for ViT-S/16 and ViT-B/16 in
+            bf16 (batch 256), our train step's images/s with augmentation off and with the DeiT
+            and DeiT-III on-device policies (`augment_*_fraction_of_step`: the policy's share of
+            the step), MFU against the vendor's dense peak (deit.hardware; CPU: measured matmul),
+            timm's step on the same device (torch.compile on GPUs, bf16 autocast, SDPA) and the
+            ratio, eval images/s, compile seconds, peak device memory; the host loader's images/s
+            with all cores; `goals`: issue 16's targets next to the measured B/16 figures. Parts
+            past the budget are listed in `skipped`. On CPU: a tiny version (2 blocks, 32 px).
   ops       one ViT block of the model split into the ops both implementations run (LayerNorm,
             qkv / proj / fc1 / fc2 matmuls, head split / merge, the attention's batched dots and
             softmax, GELU, residual; the attention core and the whole block too), each jitted
@@ -325,6 +333,14 @@ def cmd_ops(args: argparse.Namespace) -> dict:
     return ops_bench.benchmark_ops(cfg, batch=args.batch, dtype=args.dtype, rounds=args.rounds)
 
 
+def cmd_device(args: argparse.Namespace) -> dict:
+    from benchmarks import device_bench
+
+    return device_bench.benchmark_device(tuple(args.models.split(",")), batch=args.batch, image_size=args.image_size,
+                                         layers=args.layers, dtype=args.dtype, rounds=args.rounds, timm=args.timm,
+                                         timm_compile=args.timm_compile, loader=args.loader, budget_s=args.budget_s)
+
+
 def cmd_train(args: argparse.Namespace) -> dict:
     from benchmarks import train_bench
 
@@ -375,6 +391,21 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[arg
         p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="also time the step with the DeiT recipe's on-device augmentation"),
     ), "train step / eval forward images/s and MFU vs timm/PyTorch on the same architecture"),
+    "device": (cmd_device, lambda p: (
+        p.add_argument("--models", default="s16,b16", help="comma-separated presets"),
+        p.add_argument("--batch", type=int, default=None, help="default 256 (CPU: 4)"),
+        p.add_argument("--image-size", type=int, default=None, help="default 224 (CPU: 32)"),
+        p.add_argument("--layers", type=int, default=None, help="override the depth (default: the preset's; CPU: 2)"),
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16"),
+        p.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default 5; CPU: 2)"),
+        p.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True),
+        p.add_argument("--timm-compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile timm's model (default: on GPUs)"),
+        p.add_argument("--loader", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time the host loader with all cores"),
+        p.add_argument("--budget-s", type=float, default=480.0,
+                       help="parts that would start after this many seconds are skipped (and listed)"),
+    ), "accelerator check: ViT-S/B bf16 train img/s, MFU vs vendor peak, timm, augmentation cost, loader"),
     "ops": (cmd_ops, lambda p: (
         p.add_argument("--model", default="s16", help="model preset (ti16, s16, b16, l16, h14)"),
         p.add_argument("--batch", type=int, default=32),

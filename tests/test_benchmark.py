@@ -60,7 +60,7 @@ def test_train_subcommand_prints_one_json_object(capsys):
     assert result["timm_train_mfu"] == pytest.approx(3 * fwd * result["timm_train_images_per_s"] / peak, rel=0.02, abs=1e-4)
     assert result["timm_eval_mfu"] == pytest.approx(fwd * result["timm_eval_images_per_s"] / peak, rel=0.02, abs=1e-4)
     assert result["model"]["scan_unroll"] == 2  # --scan-unroll 0: all of --layers 2
-    assert set(result["compile_s"]) == {"train", "eval", "train_aug", "matmul"}
+    assert set(result["compile_s"]) == {"train", "eval", "train_aug", "matmul", "timm_train", "timm_eval"}
     assert all(len(v) == 2 for v in result["seconds"].values())
 
 
@@ -77,3 +77,29 @@ def test_ops_subcommand_prints_one_json_object(capsys):
             assert r[f"{kind}_ratio"] == pytest.approx(r[f"timm_{kind}_ms"] / r[f"ours_{kind}_ms"], rel=0.01)
     parts = [r for r in result["rows"] if r["op"] not in ("attention_core", "block")]
     assert result["sum_of_parts"]["ours_fwd_ms"] == pytest.approx(sum(r["ours_fwd_ms"] for r in parts), abs=1e-2)
+
+
+def test_device_subcommand_prints_one_json_object(capsys):
+    """On CPU `benchmark.py device` runs its tiny version: every part, every field."""
+    result = benchmark.main(["device", "--models", "ti16", "--rounds", "1"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and json.loads(printed[0]) == result
+    assert result["benchmark"] == "device" and result["tiny"] is True and result["skipped"] == []
+    assert (result["batch"], result["image_size"], result["layers"], result["dtype"]) == (4, 32, 2, "bfloat16")
+    m = result["models"]["ti16"]
+    for k in ("train_images_per_s", "train_mfu", "eval_images_per_s", "train_aug_deit_images_per_s",
+              "train_aug_deit3_images_per_s", "timm_train_images_per_s", "train_vs_timm"):
+        assert m[k] > 0, k
+    assert m["train_mfu"] == pytest.approx(3 * m["forward_flops_per_image"] * m["train_images_per_s"]
+                                           / m["mfu_peak_flops_per_s"], rel=0.01)
+    for p in ("deit", "deit3"):
+        frac = 1 - m[f"train_aug_{p}_images_per_s"] / m["train_images_per_s"]
+        assert m[f"augment_{p}_fraction_of_step"] == pytest.approx(max(0.0, frac), abs=1e-3)
+    assert {"train", "eval", "train_aug", "timm_train"} <= set(m["compile_s"])
+    assert result["timm_compile"] is False and result["loader"]["images_per_s"] > 0
+    assert result["loader"]["workers"] >= 1 and result["wall_s"] > 0
+
+
+def test_device_subcommand_skips_what_the_budget_leaves_no_time_for():
+    result = benchmark.main(["device", "--models", "ti16", "--budget-s", "0"])
+    assert result["models"] == {} and result["skipped"] == ["ti16", "loader"]

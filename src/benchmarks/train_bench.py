@@ -33,10 +33,11 @@ AUGMENT_RECIPE = "deit-s16-224-in1k-300ep"
 NO_AUGMENT = AugmentConfig(random_crop="none", hflip=0.0)
 
 
-def bench_config(model: ModelConfig, batch: int, dtype: str, augment: bool) -> Config:
-    """AdamW at deit's defaults (lr 1e-3, wd 0.05), no warmup; `augment` picks the DeiT policy."""
+def bench_config(model: ModelConfig, batch: int, dtype: str, augment: bool | str) -> Config:
+    """AdamW at deit's defaults (lr 1e-3, wd 0.05), no warmup; `augment` True picks the DeiT
+    policy, a recipe name that recipe's on-device augmentation, False none."""
     if augment:
-        flags = recipes.flags(AUGMENT_RECIPE)
+        flags = recipes.flags(AUGMENT_RECIPE if augment is True else augment)
         aug = AugmentConfig(**{f.name: flags[f.name] for f in dataclasses.fields(AugmentConfig) if f.name in flags})
     else:
         aug = NO_AUGMENT
@@ -112,7 +113,7 @@ class Timm:
     """timm's model, AdamW (timm's create_optimizer_v2: no decay on biases/norms) and CE; a train
     call is zero_grad + forward + backward + step; bf16 runs under torch.autocast."""
 
-    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray, threads: int):
+    def __init__(self, cfg: Config, images: np.ndarray, labels: np.ndarray, threads: int, compile: bool = False):
         import torch
         from timm.optim import create_optimizer_v2
 
@@ -120,6 +121,8 @@ class Timm:
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = timm_vit(cfg.model).to(self.device)
+        if compile:  # torch.compile (inductor) of the module: forward and, via AOTAutograd, backward
+            self.model = torch.compile(self.model)
         self.opt = create_optimizer_v2(self.model, "adamw", lr=cfg.optim.learning_rate,
                                        weight_decay=cfg.optim.weight_decay)
         mean, std = np.asarray((0.485, 0.456, 0.406)), np.asarray((0.229, 0.224, 0.225))
@@ -190,9 +193,12 @@ def device_peak_mib() -> float | None:
 
 def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float32", rounds: int = 5,
                     warmup: int = 1, matmul_size: int | None = None, timm: bool = True, augment: bool = True,
-                    threads: int | None = None) -> dict[str, Any]:
+                    threads: int | None = None, augment_recipes: tuple[str, ...] = (AUGMENT_RECIPE,),
+                    timm_compile: bool = False) -> dict[str, Any]:
     """Images/s of our train step (augmentation off and on), eval forward, timm's, MFU; see
-    src/benchmark.py's docstring for the fields."""
+    src/benchmark.py's docstring for the fields. With `augment`, the step is also timed with
+    each of `augment_recipes`' on-device augmentation (the first is `train_aug`); timm's model
+    runs under torch.compile with `timm_compile`."""
     threads = threads or len(os.sched_getaffinity(0))
     matmul_size = matmul_size or (3072 if jax.default_backend() == "cpu" else 8192)
     load_start = os.getloadavg()
@@ -205,17 +211,20 @@ def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float3
     compile_s["train"] = timed_first_call(fns["train"])
     fns["eval"] = OursEval(fns["train"])
     compile_s["eval"] = timed_first_call(fns["eval"])
-    if augment:
-        fns["train_aug"] = OursTrain(bench_config(model, batch, dtype, True), images, labels)
-        compile_s["train_aug"] = timed_first_call(fns["train_aug"])
+    aug_keys = {r: "train_aug" if i == 0 else f"train_aug:{r}" for i, r in enumerate(augment_recipes)} if augment else {}
+    for r, k in aug_keys.items():
+        fns[k] = OursTrain(bench_config(model, batch, dtype, r), images, labels)
+        compile_s[k] = timed_first_call(fns[k])
     fns["matmul"] = matmul(matmul_size, jdtype)
     compile_s["matmul"] = timed_first_call(fns["matmul"])
     interleaved(fns, warmup)
     ours_rss = peak_rss_mib()  # before torch is imported: our process alone
     device_peak = device_peak_mib()
     if timm:
-        t = Timm(bench_config(model, batch, dtype, False), images, labels, threads)
+        t = Timm(bench_config(model, batch, dtype, False), images, labels, threads, compile=timm_compile)
         fns["timm_train"], fns["timm_eval"] = t.train, t.eval
+        compile_s["timm_train"] = timed_first_call(t.train)  # torch.compile compiles on first call
+        compile_s["timm_eval"] = timed_first_call(t.eval)
         interleaved({"timm_train": t.train, "timm_eval": t.eval}, warmup)
 
     times = interleaved(fns, rounds, {"matmul": 3})
@@ -248,13 +257,17 @@ def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float3
                        train_mfu_vendor=round(3 * flops * ips["train"] / vendor, 4))
     if augment:
         out["train_aug_images_per_s"] = round(ips["train_aug"], 2)
-        out["augment_recipe"] = AUGMENT_RECIPE
+        out["augment_recipe"] = augment_recipes[0]
+        out["augment_images_per_s"] = {r: round(ips[k], 2) for r, k in aug_keys.items()}
     if timm:
         import timm as timm_pkg
         import torch
 
+        from timm.layers import use_fused_attn
+
         out.update(timm_version=timm_pkg.__version__, torch_version=torch.__version__,
-                   torch_threads=torch.get_num_threads(), timm_device=t.device,
+                   torch_threads=torch.get_num_threads(), timm_device=t.device, timm_compile=timm_compile,
+                   timm_fused_attn=bool(use_fused_attn()),  # F.scaled_dot_product_attention (SDPA)
                    timm_train_images_per_s=round(ips["timm_train"], 2),
                    timm_eval_images_per_s=round(ips["timm_eval"], 2),
                    train_ratio=round(ips["train"] / ips["timm_train"], 3),
