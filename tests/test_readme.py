@@ -108,7 +108,8 @@ def test_prose_flags_exist():
     helps = help_text("src/train.py", "recipes:tiny-digits") + "".join(
         script_help(s, [sub] if sub else []) for s, sub in [("evaluate.py", None), ("convert.py", None),
                                                            ("predict.py", None), ("prepare.py", "folder"),
-                                                           ("benchmark.py", "loader"), ("benchmark.py", "train")])
+                                                           ("benchmark.py", "loader"), ("benchmark.py", "train"),
+                                                           ("benchmark.py", "device")])
     missing = [f for f in sorted(flags) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", helps)]
     assert not missing, missing
 
