@@ -1,3 +1,5 @@
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -229,3 +231,21 @@ def test_dot_product_attention_path_agrees_with_ours(monkeypatch):
     drop = eqx.tree_at(lambda m: m.attn_drop, attn, layers.Dropout(0.5))
     np.testing.assert_allclose(drop(x, key=jax.random.key(2)), drop(x, key=jax.random.key(2)))
     assert not np.allclose(drop(x, key=jax.random.key(2)), out)
+
+
+@pytest.mark.parametrize("grad_ckpt, widths", [(False, [32, 32, 32, 96, 128]), (True, [32])])
+def test_layer_scan_saves_only_the_named_residuals(capsys, grad_ckpt, widths):
+    """What the layer scan stacks for the backward, per block: the block input, qkv (3D), the
+    attention output, the mid-block residual and fc1's output (4D) (layers.SAVED_RESIDUALS), and
+    nothing of LayerNorm, GELU or softmax; with grad_ckpt only the block input. Every stacked
+    value costs layers x batch x tokens x width of device memory (issue 16's TPU figures)."""
+    cfg = ModelConfig(layers=2, dim=32, heads=2, patch_size=8, image_size=32, labels=10, droppath=0.1,
+                      grad_ckpt=grad_ckpt)
+    params, static = eqx.partition(ViT(cfg, key=jax.random.key(0)), eqx.is_array)
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p, x: eqx.combine(p, static)(x, key=jax.random.key(1)).sum(), params, jnp.ones((3, 32, 32, 3)))
+    stacked = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "output of scan" in line]
+    # [layers, batch, tokens, width] float32 stacks (printed f32[...] or float32[...]): 16 patches + cls
+    shapes = [re.fullmatch(r"(?:f32|float32)\[2,3,17,(\d+)\]", s) for s in stacked]
+    assert all(shapes), stacked
+    assert sorted(int(m.group(1)) for m in shapes) == widths, stacked
