@@ -29,16 +29,12 @@ DEIT3_POLICY = "deit3-s16-224-in1k-400ep"  # 3-Augment + colour jitter 0.3 + Mix
 GOALS = {"b16_train_aug_mfu": 0.45, "b16_train_vs_timm": 1.3}
 
 
-def tiny() -> bool:
-    return jax.default_backend() == "cpu"
-
-
 def benchmark_device(models: tuple[str, ...] = ("s16", "b16"), *, batch: int | None = None,
                      image_size: int | None = None, layers: int | None = None, dtype: str = "bfloat16",
                      rounds: int | None = None, timm: bool = True, timm_compile: bool | None = None,
                      loader: bool = True, loader_images: int | None = None, budget_s: float = 480.0) -> dict[str, Any]:
     start = time.perf_counter()
-    small = tiny()
+    small = jax.default_backend() == "cpu"  # a tiny version that checks the command end to end
     batch = batch or (4 if small else 256)
     image_size = image_size or (32 if small else 224)
     layers = layers or (2 if small else None)
@@ -60,13 +56,15 @@ def benchmark_device(models: tuple[str, ...] = ("s16", "b16"), *, batch: int | N
         r = train_bench.benchmark_train(cfg, batch=batch, dtype=dtype, rounds=rounds, warmup=1,
                                         matmul_size=128 if small else None, timm=timm,
                                         augment_recipes=(DEIT_POLICY, DEIT3_POLICY), timm_compile=timm_compile)
-        vendor = "train_mfu_vendor" in r
-        peak = r["vendor_peak_flops_per_s"] if vendor else r["matmul_peak_flops_per_s"]
-        flops = 3 * r["forward_flops_per_image"]
+        peak = r.get("vendor_peak_flops_per_s", r["matmul_peak_flops_per_s"])
+
+        def mfu(images_per_s: float) -> float:  # model FLOPs (3x forward) only, as timm counts
+            return round(3 * r["forward_flops_per_image"] * images_per_s / peak, 4)
+
         plain = r["train_images_per_s"]
         m: dict[str, Any] = dict(
             params=r["params"], forward_flops_per_image=r["forward_flops_per_image"],
-            train_images_per_s=plain, train_mfu=round(flops * plain / peak, 4),
+            train_images_per_s=plain, train_mfu=mfu(plain),
             mfu_peak_flops_per_s=peak, mfu_peak_source=r.get("vendor_peak_source", "measured matmul (this run)"),
             eval_images_per_s=r["eval_images_per_s"],
             device_peak_mib=r["device_peak_mib"],  # the process's peak so far (models run in order)
@@ -74,13 +72,13 @@ def benchmark_device(models: tuple[str, ...] = ("s16", "b16"), *, batch: int | N
         for policy, recipe in (("deit", DEIT_POLICY), ("deit3", DEIT3_POLICY)):
             ips = r["augment_images_per_s"][recipe]
             m[f"train_aug_{policy}_images_per_s"] = ips
-            m[f"train_aug_{policy}_mfu"] = round(flops * ips / peak, 4)  # model FLOPs only, as timm counts
+            m[f"train_aug_{policy}_mfu"] = mfu(ips)
             m[f"augment_{policy}_fraction_of_step"] = round(max(0.0, 1 - ips / plain), 4)
         if timm:
             m.update(timm_train_images_per_s=r["timm_train_images_per_s"],
                      timm_eval_images_per_s=r["timm_eval_images_per_s"],
                      train_vs_timm=r["train_ratio"], eval_vs_timm=r["eval_ratio"],
-                     timm_train_mfu=round(flops * r["timm_train_images_per_s"] / peak, 4))
+                     timm_train_mfu=mfu(r["timm_train_images_per_s"]))
             out.update(timm_version=r["timm_version"], torch_version=r["torch_version"],
                        timm_compile=r["timm_compile"], timm_fused_attn=r["timm_fused_attn"],
                        timm_device=r["timm_device"])

@@ -33,11 +33,11 @@ AUGMENT_RECIPE = "deit-s16-224-in1k-300ep"
 NO_AUGMENT = AugmentConfig(random_crop="none", hflip=0.0)
 
 
-def bench_config(model: ModelConfig, batch: int, dtype: str, augment: bool | str) -> Config:
-    """AdamW at deit's defaults (lr 1e-3, wd 0.05), no warmup; `augment` True picks the DeiT
-    policy, a recipe name that recipe's on-device augmentation, False none."""
-    if augment:
-        flags = recipes.flags(AUGMENT_RECIPE if augment is True else augment)
+def bench_config(model: ModelConfig, batch: int, dtype: str, augment: str | None) -> Config:
+    """AdamW at deit's defaults (lr 1e-3, wd 0.05), no warmup; `augment` names the recipe whose
+    on-device augmentation the step runs (None: normalisation only)."""
+    if augment is not None:
+        flags = recipes.flags(augment)
         aug = AugmentConfig(**{f.name: flags[f.name] for f in dataclasses.fields(AugmentConfig) if f.name in flags})
     else:
         aug = NO_AUGMENT
@@ -207,7 +207,7 @@ def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float3
     fns: dict[str, Callable[[], None]] = {}
     compile_s: dict[str, float] = {}
 
-    fns["train"] = OursTrain(bench_config(model, batch, dtype, False), images, labels)
+    fns["train"] = OursTrain(bench_config(model, batch, dtype, None), images, labels)
     compile_s["train"] = timed_first_call(fns["train"])
     fns["eval"] = OursEval(fns["train"])
     compile_s["eval"] = timed_first_call(fns["eval"])
@@ -221,7 +221,7 @@ def benchmark_train(model: ModelConfig, *, batch: int = 32, dtype: str = "float3
     ours_rss = peak_rss_mib()  # before torch is imported: our process alone
     device_peak = device_peak_mib()
     if timm:
-        t = Timm(bench_config(model, batch, dtype, False), images, labels, threads, compile=timm_compile)
+        t = Timm(bench_config(model, batch, dtype, None), images, labels, threads, compile=timm_compile)
         fns["timm_train"], fns["timm_eval"] = t.train, t.eval
         compile_s["timm_train"] = timed_first_call(t.train)  # torch.compile compiles on first call
         compile_s["timm_eval"] = timed_first_call(t.eval)

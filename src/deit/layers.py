@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 # The values of a block kept for its backward pass (`jax.checkpoint_name`s below); everything
 # else (LayerNorms, GELU, softmax, layer scale, drop-path) is recomputed from them in the
 # backward. Under `lax.scan` every value the backward reads is written out, stacked over the
-# blocks, in its own dtype; this set is what an unrolled step's compiler keeps anyway.
+# blocks, in its own dtype, so what is saved is chosen here rather than left to the compiler.
 SAVED_RESIDUALS = ("qkv", "attn_out", "x_mid", "fc1")
 
 
@@ -220,11 +220,11 @@ class Attention(eqx.Module):
             # [B, T, heads, hd] as jax.nn.dot_product_attention takes it; softmax in f32 inside
             qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
             out = jax.nn.dot_product_attention(qt, kt, vt, implementation=impl).reshape(b, t, d)
-            return self.proj_drop(self.proj(checkpoint_name(out, "attn_out")), key=k2)
-        attn = self.attn_drop(self._probs(q, k), key=k1)
-        # attn @ v in the [B, heads, T, hd] layout, then one transpose: asking the einsum for
-        # bqhd directly makes XLA:CPU run it as a slow transposed-output batched dot.
-        out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        else:
+            attn = self.attn_drop(self._probs(q, k), key=k1)
+            # attn @ v in the [B, heads, T, hd] layout, then one transpose: asking the einsum for
+            # bqhd directly makes XLA:CPU run it as a slow transposed-output batched dot.
+            out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, t, d)
         return self.proj_drop(self.proj(checkpoint_name(out, "attn_out")), key=k2)
 
 
