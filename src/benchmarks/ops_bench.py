@@ -156,6 +156,11 @@ def timm(cfg: ModelConfig, batch: int, dtype: str, threads: int) -> dict[str, di
                    "fwdbwd": _timed_loop(fwdbwd(f, xs), lambda _: None)} for name, (f, xs) in ops.items()}
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """Significant digits, not decimals: a 1 us op rounded to 4 decimals of a ms loses its ratio."""
+    return float(f"{x:.{digits}g}")
+
+
 def benchmark_ops(cfg: ModelConfig, *, batch: int = 32, dtype: str = "float32", rounds: int = 5,
                   threads: int | None = None) -> dict[str, Any]:
     """Rows of ms per op (ours / timm, fwd / fwd+bwd) and timm's time over ours (> 1: ours faster)."""
@@ -177,7 +182,7 @@ def benchmark_ops(cfg: ModelConfig, *, batch: int = 32, dtype: str = "float32", 
         row: dict[str, Any] = {"op": op}
         for kind in ("fwd", "fwdbwd"):
             o, t = ms[("ours", op, kind)], ms[("timm", op, kind)]
-            row |= {f"ours_{kind}_ms": round(o, 4), f"timm_{kind}_ms": round(t, 4), f"{kind}_ratio": round(t / o, 3)}
+            row |= {f"ours_{kind}_ms": _sig(o), f"timm_{kind}_ms": _sig(t), f"{kind}_ratio": _sig(t / o, 3)}
         rows.append(row)
     parts = [r for r in rows if r["op"] not in ("attention_core", "block")]
     sums = {k: round(sum(r[k] for r in parts), 3)
