@@ -235,13 +235,13 @@ def test_five_percent_corrupt_data_trains_and_reports(env, tmp_path):
 @pytest.mark.slow
 def test_soak_three_kills_still_reaches_the_bar(env, tmp_path):
     """The README quickstart's recipe killed (SIGKILL) three times and resumed each time still
-    reaches the tiny-digits bar (>= 96.5% val top-1, 348 of 360: uninterrupted, this seed pair
-    reached 97.2% on 2 cores and 97.5% on one; seeds 2 and 3 reached 95.6% and 95.8%; sklearn's
-    SVM and 3-NN reach 96.4% and 96.7% on this split)."""
+    reaches the tiny-digits bar (>= 96.5% val top-1, 348 of 360: uninterrupted on 2 cores, this
+    seed pair reached 97.8%, seeds 2 and 3 96.7% and 97.2%; sklearn's SVM and 3-NN reach 96.4%
+    and 96.7% on this split)."""
     out = tmp_path / "digits"
     cmd = [sys.executable, "src/train.py", "recipes:tiny-digits", "--no-progress", "--output-dir", str(out),
            "--checkpoint-interval", "100"]
-    for kill_after in (250, 650, 1050):  # steps reached (per metrics.jsonl) before the kill
+    for kill_after in (400, 1000, 1700):  # steps reached (per metrics.jsonl) before the kill
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 900
         while True:
@@ -256,4 +256,4 @@ def test_soak_three_kills_still_reaches_the_bar(env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     result = json.loads((out / "results.json").read_text())
-    assert result["step"] == 1500 and result["val/acc1"] >= 0.965, result
+    assert result["step"] == 2400 and result["val/acc1"] >= 0.965, result
