@@ -103,12 +103,16 @@ def _has_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+LANE_WIDTH = dict(dim=128, heads=4)  # tiny-digits at a width the TPU's 128-lane tiles do not pad
+
+
 @pytest.mark.skipif(not _has_libtpu(), reason="TPU compile-only needs libtpu: pip install -e '.[tpu]'")
 def test_tpu_compiler_report_for_a_v4_slice():
     """tiny-digits' real train step compiled by the TPU compiler for a v4-8 (4 chips, 8 AOT
     devices: one per TensorCore), with no TPU: per-device HBM by kind against 16 GiB."""
     r = subprocess.run([sys.executable, "src/train.py", "recipes:tiny-digits", "--dry-run",
-                        "--memory-report-tpu", "v4:2x2x1", "--train-batch-size", "64", "--dim", "128", "--heads", "4"],
+                        "--memory-report-tpu", "v4:2x2x1", "--train-batch-size", "64",
+                        "--dim", str(LANE_WIDTH["dim"]), "--heads", str(LANE_WIDTH["heads"])],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)["memory_tpu"]
@@ -123,7 +127,7 @@ def test_tpu_compiler_report_for_a_v4_slice():
     # (width 128 for both: the TPU lays out a last axis in 128-lane tiles, so the recipe's 96
     # would be padded there and not here)
     cfg = recipes.load("tiny-digits")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=128, heads=4))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **LANE_WIDTH))
     cpu = memory.report(cfg, 8) if len(jax.devices()) >= 8 else None
     if cpu is not None and cpu["per_device_batch"] == m["per_device_batch"]:
         assert cpu["bytes_per_device"]["argument"] == pytest.approx(b["argument"], rel=0.01)
