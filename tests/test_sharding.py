@@ -38,6 +38,13 @@ def losses(cfg, mesh, steps=20):
     return np.array(out), state
 
 
+def test_fsdp_minus_one_puts_every_device_on_the_fsdp_axis():
+    assert dict(sharding.make_mesh(-1).shape) == {"data": 1, "fsdp": len(jax.devices())}
+    assert dict(sharding.make_mesh(2, jax.devices()[:4]).shape) == {"data": 2, "fsdp": 2}
+    with pytest.raises(ValueError, match="fsdp=3 must divide the device count 8"):
+        sharding.make_mesh(3)
+
+
 def test_param_spec_rules():
     assert sharding.param_spec((1152, 384), 4) == jax.P("fsdp", None)
     assert sharding.param_spec((12, 1152, 384), 4, stacked=True) == jax.P(None, "fsdp", None)

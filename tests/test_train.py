@@ -47,6 +47,27 @@ def test_recipe_values_match_seed():
             assert flat[k] == v, (name, k)
 
 
+def test_our_additions_apply_to_the_h14_recipes_only():
+    """`recipes/_additions.json` (this project's flags beyond deit3-jax's) shards H/14 over all
+    devices; every other recipe keeps the replicated default, and `flags` stays deit3-jax's file."""
+    files = [p.stem for p in recipes.RECIPES_DIR.glob("*.json") if not p.stem.startswith("_")]
+    sharded = sorted(n for n in files if recipes.load(n).fsdp == -1)
+    assert sharded == sorted(n for n in files if n.startswith("deit3-h14-")) and len(sharded) == 8
+    assert all(recipes.load(n).fsdp == 1 for n in files if n not in sharded)
+    assert recipes.load("deit3-h14-in1k").fsdp == -1  # through the alias too
+    assert all("fsdp" not in recipes.flags(n) for n in sharded)
+    # a user's flag still wins over the addition
+    r = run_script("src/train.py", "recipes:deit3-h14-in1k", "--dry-run", "--fsdp", "1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["fsdp"] == 1
+
+
+def test_bad_fsdp_is_one_line_exit_2():
+    r = run_script("src/train.py", "recipes:tiny-digits", "--dry-run", "--fsdp", "0")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: fsdp=0: allowed -1 (all devices) or a device count >= 1", r.stderr
+
+
 def test_dry_run_cli_and_overrides():
     r = run_script("src/train.py", "recipes:deit3-h14-in1k", "--dry-run", "--learning-rate", "0.5", "--droppath", "0.1")
     assert r.returncode == 0, r.stderr

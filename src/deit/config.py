@@ -274,7 +274,8 @@ class Config:
     optim: Annotated[OptimConfig, Flat] = OptimConfig()
     distill: Annotated[DistillConfig, Flat] = DistillConfig()
     fsdp: int = 1
-    """Size of the mesh's `fsdp` axis (parameters sharded over it); the rest of the devices form `data`."""
+    """Size of the mesh's `fsdp` axis (parameters and optimiser state sharded over it); the rest of
+    the devices form `data`. -1: all devices (what the H/14 recipes use, see recipes/_additions.json)."""
     init_seed: int = 1
     dropout_seed: int = 1
     log_interval: int = 50
@@ -314,7 +315,8 @@ class Config:
     """Print the resolved config, parameter count and forward FLOPs as JSON, then exit."""
 
     def __post_init__(self):
-        _check([_min("fsdp", self.fsdp, 1), _min("log_interval", self.log_interval, 1),
+        _check([(self.fsdp == -1 or self.fsdp >= 1, f"fsdp={self.fsdp}: allowed -1 (all devices) or a device count >= 1"),
+                _min("log_interval", self.log_interval, 1),
                 _min("eval_interval", self.eval_interval, 1), _min("checkpoint_interval", self.checkpoint_interval, 0),
                 _min("keep_interval", self.keep_interval, 0), _min("max_bad_steps", self.max_bad_steps, 1),
                 _min("memory_report", self.memory_report, 0), _min("host_timeout", self.host_timeout, 1),

@@ -1,10 +1,13 @@
 """Named training recipes: one JSON file of deit3-jax flags per recipe in the `recipes/` folder.
 
 The 33 deit3-jax recipes are kept verbatim (file name = recipe name); `_aliases.json` gives
-short names for the main ones. `$GCS_DATASET_DIR`-style variables stay unexpanded here and
+short names for the main ones. `_additions.json` holds what this project sets beyond deit3-jax's
+flags for some recipes (file-name patterns -> flags, each with its reason), applied by `load`
+on top of the verbatim file, so `flags` stays deit3-jax's. `$GCS_DATASET_DIR`-style variables stay unexpanded here and
 are resolved when a run starts.
 """
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -17,6 +20,18 @@ RECIPES_DIR = Path(os.environ.get("DEIT_RECIPES_DIR", Path(__file__).resolve().p
 def _aliases() -> dict[str, str]:
     path = RECIPES_DIR / "_aliases.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def additions(name: str) -> dict:
+    """This project's flags for recipe `name` beyond deit3-jax's (from `_additions.json`)."""
+    target = _aliases().get(name, name)
+    path = RECIPES_DIR / "_additions.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    out = {}
+    for pattern, entry in table.items():
+        if fnmatch.fnmatchcase(target, pattern):
+            out.update(entry["flags"])
+    return out
 
 
 def names() -> list[str]:
@@ -37,7 +52,7 @@ def load(name: str) -> Config:
     """The recipe's config; its output dir defaults to `outputs/<recipe>` (aliases resolved), where
     the matching fine-tuning recipe looks for its pre-trained weights (see `finetune.find_pretrained`)."""
     target = _aliases().get(name, name)
-    return from_flat({"output_dir": f"outputs/{target}", **flags(name)})
+    return from_flat({"output_dir": f"outputs/{target}", **flags(name), **additions(name)})
 
 
 def describe(name: str) -> str:

@@ -41,8 +41,10 @@ def mesh_context(shardings):
 
 
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A `(data, fsdp)` mesh over `devices` (default: all); `fsdp=-1` puts every device on `fsdp`."""
     devices = devices if devices is not None else jax.devices()
     n = len(devices)
+    fsdp = n if fsdp == -1 else fsdp
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"fsdp={fsdp} must divide the device count {n}")
     grid = np.asarray(devices).reshape(n // fsdp, fsdp)
