@@ -121,7 +121,7 @@ def test_scan_equals_unrolled_loop():
     assert ckpt.cfg.grad_ckpt
     np.testing.assert_allclose(np.asarray(ckpt(x)), np.asarray(ref), atol=1e-5)
     # So do partly (2 of 3: a remainder iteration) and fully unrolled scans.
-    for unroll in (2, 3):
+    for unroll in (2, 3, -1):  # -1: all blocks
         np.testing.assert_allclose(np.asarray(m.with_options(scan_unroll=unroll)(x)), np.asarray(ref), atol=1e-5)
 
 
@@ -137,8 +137,10 @@ def test_unrolled_scan_trains_the_same():
     ref = jax.tree.leaves(grads(m))
     for a, b in zip(ref, jax.tree.leaves(grads(m.with_options(scan_unroll=3))), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="scan_unroll=4: must be in"):
+    with pytest.raises(ValueError, match=r"scan_unroll=4: allowed -1 \(all blocks\) or 1..layers=3"):
         small(scan_unroll=4)
+    with pytest.raises(ValueError, match="scan_unroll=0: allowed"):
+        small(scan_unroll=0)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(pooling="gap"), dict(posemb="sincos2d"), dict(distilled=True),

@@ -47,16 +47,20 @@ def test_recipe_values_match_seed():
             assert flat[k] == v, (name, k)
 
 
-def test_our_additions_apply_to_the_h14_recipes_only():
-    """`recipes/_additions.json` (this project's flags beyond deit3-jax's) shards H/14 over all
-    devices; every other recipe keeps the replicated default, and `flags` stays deit3-jax's file."""
+def test_our_additions_apply_where_their_patterns_say():
+    """`recipes/_additions.json` (this project's flags beyond deit3-jax's): L/16 and H/14 shard over
+    all devices, DeiT-S and -B unroll their blocks, the rest keep the defaults; `flags` stays
+    deit3-jax's file, and a user's flag still wins."""
     files = [p.stem for p in recipes.RECIPES_DIR.glob("*.json") if not p.stem.startswith("_")]
     sharded = sorted(n for n in files if recipes.load(n).fsdp == -1)
-    assert sharded == sorted(n for n in files if n.startswith("deit3-h14-")) and len(sharded) == 8
-    assert all(recipes.load(n).fsdp == 1 for n in files if n not in sharded)
+    assert sharded == sorted(n for n in files if n.startswith(("deit3-l16-", "deit3-h14-"))) and len(sharded) == 16
+    unrolled = sorted(n for n in files if recipes.load(n).model.scan_unroll == -1)
+    assert unrolled == ["deit-b16-224-in1k-300ep", "deit-s16-224-in1k-300ep"]
+    for n in set(files) - set(sharded) - set(unrolled):
+        assert recipes.load(n).fsdp == 1 and recipes.load(n).model.scan_unroll == 1, n
     assert recipes.load("deit3-h14-in1k").fsdp == -1  # through the alias too
-    assert all("fsdp" not in recipes.flags(n) for n in sharded)
-    # a user's flag still wins over the addition
+    assert all("fsdp" not in recipes.flags(n) and "scan_unroll" not in recipes.flags(n) for n in files)
+    assert all(entry["why"] for entry in json.loads((recipes.RECIPES_DIR / "_additions.json").read_text()).values())
     r = run_script("src/train.py", "recipes:deit3-h14-in1k", "--dry-run", "--fsdp", "1")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["config"]["fsdp"] == 1

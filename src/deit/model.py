@@ -142,7 +142,8 @@ class ViT(eqx.Module):
         else:  # keep only the matmul outputs and the residual stream (see SAVED_RESIDUALS)
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*SAVED_RESIDUALS))
         keys = jax.random.split(key, self.cfg.layers) if key is not None else None
-        x, _ = jax.lax.scan(body, x, (params, keys), unroll=self.cfg.scan_unroll)
+        unroll = self.cfg.layers if self.cfg.scan_unroll == -1 else self.cfg.scan_unroll
+        x, _ = jax.lax.scan(body, x, (params, keys), unroll=unroll)
         return x
 
     def features(self, x: Float[Array, "b h w 3"], *, key: PRNGKeyArray | None = None) -> Float[Array, "b t d"]:
