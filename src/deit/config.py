@@ -71,9 +71,9 @@ class ModelConfig:
     """Blocks per iteration of the layer scan: 1 keeps compile time flat in depth; -1 (or
     `layers`) unrolls it fully, deit3-jax's graph, at a compile time growing with depth: the
     TPU compiler then needs no loop buffers (the stacked gradients, a bf16 copy of the stacked
-    weights) and applies an unclipped update block by block (DeiT-B/16 on a v4: 2.44 GiB per
-    device against the scan's 3.06); XLA:CPU runs the scan faster (ViT-S/16 train 4.10 img/s
-    against 3.29 unrolled). Same math; float rounding may differ in the last bits."""
+    weights; DeiT-B/16 on a v4: 2.44 GiB per device against the scan's 3.06); XLA:CPU runs
+    the scan faster (ViT-S/16 train 4.10 img/s against 3.29 unrolled). Same math; float
+    rounding may differ in the last bits."""
     gelu: Literal["exact", "tanh"] = "exact"
     """'exact' (erf) as timm; deit3-jax's flax models use 'tanh'."""
     distilled: bool = False

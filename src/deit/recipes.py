@@ -17,18 +17,21 @@ from deit.config import Config, from_flat
 RECIPES_DIR = Path(os.environ.get("DEIT_RECIPES_DIR", Path(__file__).resolve().parents[2] / "recipes"))
 
 
-def _aliases() -> dict[str, str]:
-    path = RECIPES_DIR / "_aliases.json"
+def _table(file: str) -> dict:
+    """One of the `_*.json` tables beside the recipes ({} when absent)."""
+    path = RECIPES_DIR / file
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _aliases() -> dict[str, str]:
+    return _table("_aliases.json")
 
 
 def additions(name: str) -> dict:
     """This project's flags for recipe `name` beyond deit3-jax's (from `_additions.json`)."""
     target = _aliases().get(name, name)
-    path = RECIPES_DIR / "_additions.json"
-    table = json.loads(path.read_text()) if path.exists() else {}
     out = {}
-    for pattern, entry in table.items():
+    for pattern, entry in _table("_additions.json").items():
         if fnmatch.fnmatchcase(target, pattern):
             out.update(entry["flags"])
     return out
