@@ -1,6 +1,7 @@
 import collections
 import dataclasses
 import io
+import os
 import threading
 
 import numpy as np
@@ -164,7 +165,8 @@ def png_sample(i: int, label: bytes | None) -> dict[str, bytes]:
 
 def test_a_small_shard_is_parsed_once_until_it_is_rewritten(tmp_path, monkeypatch):
     """Small local shards are kept after one complete read (tiny-digits: the loader's CPU time per
-    batch 13 -> 7 ms); a rewritten shard is read again; one read partly or ending early is not kept."""
+    batch 13 -> 7 ms); a rewritten shard is read again and replaces its entry; one read partly or
+    ending early is not kept."""
     import deit.data.shards as shards_module
 
     parsed = []
@@ -175,6 +177,8 @@ def test_a_small_shard_is_parsed_once_until_it_is_rewritten(tmp_path, monkeypatc
     first, again = list(iter_shard(url)), list(iter_shard(url))
     assert again == first and [s["__key__"] for s in first] == ["k0", "k1", "k2"] and len(parsed) == 2
     write_samples(tmp_path / "a.tar", [(f"n{i}", png_sample(i, b"1")) for i in range(2)])
+    assert [s["__key__"] for s in iter_shard(url)] == ["n0", "n1"] and len(parsed) == 3
+    assert [k for k in shards_module._shard_cache if k.endswith("a.tar")] == [os.path.abspath(url)]  # replaced
     assert [s["__key__"] for s in iter_shard(url)] == ["n0", "n1"] and len(parsed) == 3
     data = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[:700])  # inside the first png member: ends early

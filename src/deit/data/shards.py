@@ -185,29 +185,33 @@ def warn_once(kind: str, url: str, msg: str, *args: Any) -> None:
 
 
 # A small local shard read to its end without a fault is kept in memory (per process, keyed on
-# path, mtime and size, so a rewritten shard is read again): a tiny dataset such as the bundled
-# digits (1.2 MB) would otherwise go through Python's tarfile every epoch, which was 45% of
-# tiny-digits' loader time. The budget bounds what a dataset of many small shards can pin.
+# its path and stamped with its mtime and size, so a rewritten shard is read again and replaces
+# its old entry): a tiny dataset such as the bundled digits (1.2 MB) would otherwise go through
+# Python's tarfile every epoch, which was 45% of tiny-digits' loader time. The budget bounds what
+# a dataset of many small shards can pin.
 CACHE_SHARD_BYTES = 8 << 20
 CACHE_TOTAL_BYTES = 256 << 20
-_shard_cache: dict[tuple[str, int, int], tuple[dict[str, Any], ...]] = {}
+_Stamp = tuple[int, int]  # (mtime_ns, size)
+_shard_cache: dict[str, tuple[_Stamp, tuple[dict[str, Any], ...]]] = {}
 _shard_cache_lock = threading.Lock()
 
 
-def _cache_key(url: str) -> tuple[str, int, int] | None:
+def _cache_stamp(url: str) -> tuple[str, _Stamp] | None:
+    """(absolute path, stamp) of a local shard small enough to keep, else None."""
     if not is_local_path(url):
         return None
     try:
         st = os.stat(url)
     except OSError:
         return None  # opening it reports the fault
-    return (os.path.abspath(url), st.st_mtime_ns, st.st_size) if st.st_size <= CACHE_SHARD_BYTES else None
+    return (os.path.abspath(url), (st.st_mtime_ns, st.st_size)) if st.st_size <= CACHE_SHARD_BYTES else None
 
 
-def _cache_shard(key: tuple[str, int, int], samples: list[dict[str, Any]]) -> None:
+def _cache_shard(path: str, stamp: _Stamp, samples: list[dict[str, Any]]) -> None:
     with _shard_cache_lock:
-        if sum(k[2] for k in _shard_cache) + key[2] <= CACHE_TOTAL_BYTES:
-            _shard_cache[key] = tuple(samples)
+        _shard_cache.pop(path, None)  # a rewritten shard's old samples go
+        if sum(st[1] for st, _ in _shard_cache.values()) + stamp[1] <= CACHE_TOTAL_BYTES:
+            _shard_cache[path] = (stamp, tuple(samples))
 
 
 def iter_shard(url: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
@@ -215,9 +219,9 @@ def iter_shard(url: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
     read before the fault and ends early, warned about once per shard (unless `quiet`), so one
     bad shard does not stop training; a sample cut by the fault keeps the members read. The
     samples are shared with later reads of a small shard (see CACHE_SHARD_BYTES): read-only."""
-    key = _cache_key(url)
-    if key is not None and (kept := _shard_cache.get(key)) is not None:
-        yield from kept
+    key = _cache_stamp(url)
+    if key is not None and (kept := _shard_cache.get(key[0])) is not None and kept[0] == key[1]:
+        yield from kept[1]
         return
     read: list[dict[str, Any]] = []
     faults: list[Exception] = []
@@ -248,8 +252,8 @@ def iter_shard(url: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
             yield sample
     finally:
         members.close()
-    if key is not None and not faults:
-        _cache_shard(key, read)
+    if key is not None and not faults and _cache_stamp(url) == key:  # unchanged while it was read
+        _cache_shard(key[0], key[1], read)
     if faults and not quiet:
         warn_once("read", url, "shard %s ends early (%s): using the %d sample(s) read before; the rest of "
                   "it is not read (warned once per shard)", url, faults[0], n)
