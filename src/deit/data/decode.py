@@ -64,6 +64,8 @@ def decode_kept(data: bytes | None) -> np.ndarray | None:
     global _memo_bytes
     if data is None:
         return None
+    if len(data) > MEMO_IMAGE_BYTES:  # a big encoding (ImageNet's JPEGs): not kept, not worth hashing
+        return decode_image(data)
     if (img := _memo.get(data)) is not None:
         return img
     img = decode_image(data)
