@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 
 from deit.config import AugmentConfig, Config, DataConfig, ModelConfig
 from deit.data.decode import decode_image
+from deit.data.kept import Kept
 from deit.data.loader import resolve_shards, skip_state, train_batches, valid_batches
 from deit.data.order import epoch_stream
 from deit.data.prepare import (DIGITS_FORMAT, digit_image, encode_png, ensure_digits, prepare_digits,
@@ -163,6 +164,14 @@ def png_sample(i: int, label: bytes | None) -> dict[str, bytes]:
     return files if label is None else {**files, "cls": label}
 
 
+def test_kept_holds_within_its_budget_and_a_replaced_entry_frees_its_bytes():
+    kept = Kept(budget_bytes=10)
+    assert kept.put("a", 1, 6) and not kept.put("b", 2, 5) and kept.get("b") is None  # 11 > 10
+    assert kept.put("a", 3, 2) and kept.nbytes == 2 and kept.get("a") == 3  # replaced, not added
+    assert kept.put("b", 2, 8) and kept.nbytes == 10 and list(kept) == ["a", "b"]
+    assert not kept.put("a", 4, 3) and "a" not in kept and kept.nbytes == 8  # the old value is gone too
+
+
 def test_a_small_shard_is_parsed_once_until_it_is_rewritten(tmp_path, monkeypatch):
     """Small local shards are kept after one complete read (tiny-digits: the loader's CPU time per
     batch 13 -> 7 ms); a rewritten shard is read again and replaces its entry; one read partly or
@@ -195,10 +204,9 @@ def test_small_images_are_decoded_once_and_crops_are_unchanged(tmp_path, monkeyp
 
     url = write_samples(tmp_path / "m.tar", [(f"k{i}", png_sample(i, b"%d" % DIGITS.target[i])) for i in range(8)])
     cfg = dataclasses.replace(config(url), data=dataclasses.replace(config(url).data, train_batch_size=8))
-    monkeypatch.setattr(decode_module, "_memo", {})
-    monkeypatch.setattr(decode_module, "_memo_bytes", 0)
+    monkeypatch.setattr(decode_module, "_memo", Kept(decode_module.MEMO_TOTAL_BYTES))
     fresh = take(train_batches(cfg), 3)  # 3 epochs of the 8 samples
-    kept = dict(decode_module._memo)
+    kept = {k: decode_module._memo.get(k) for k in decode_module._memo}
     assert len(kept) == 8 and all(not a.flags.writeable for a in kept.values())
     calls = []
     real = decode_module.decode_image

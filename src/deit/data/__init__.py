@@ -1,6 +1,7 @@
 """Host input pipeline: webdataset shards -> decoded, cropped uint8 batches.
 
 Modules, each importing only those above it:
+  kept     a per-process map with a byte budget: the in-memory caches of shards and decode
   shards   shard specs -> URLs, tar members -> samples -> raw `Record`s, which samples are usable
            (an image and a readable label), sample counts, label parsing
   decode   image decoding (simplejpeg / Pillow) and the train / eval crop of each record

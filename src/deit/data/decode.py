@@ -9,7 +9,6 @@ import functools
 import io
 import itertools
 import os
-import threading
 import warnings
 
 import numpy as np
@@ -17,6 +16,7 @@ import simplejpeg
 from PIL import Image
 
 from deit import crop
+from deit.data.kept import Kept
 from deit.data.shards import IMAGE_EXTS, Record, image_bytes, is_local_path, iter_shard, label_problem
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -53,15 +53,12 @@ def decode_image(data: bytes | None) -> np.ndarray | None:
 # ImageNet-sized images are never kept; the budget bounds what a big dataset of small images pins.
 MEMO_IMAGE_BYTES = 64 << 10  # decoded size: up to ~147x147 RGB
 MEMO_TOTAL_BYTES = 512 << 20
-_memo: dict[bytes, np.ndarray] = {}
-_memo_bytes = 0
-_memo_lock = threading.Lock()
+_memo = Kept(MEMO_TOTAL_BYTES)  # encoded bytes -> pixels, counted as both
 
 
 def decode_kept(data: bytes | None) -> np.ndarray | None:
     """`decode_image`, remembered for small images (see MEMO_IMAGE_BYTES). The array is shared
     between the reads of the same bytes, so it is read-only."""
-    global _memo_bytes
     if data is None:
         return None
     if len(data) > MEMO_IMAGE_BYTES:  # a big encoding (ImageNet's JPEGs): not kept, not worth hashing
@@ -69,13 +66,10 @@ def decode_kept(data: bytes | None) -> np.ndarray | None:
     if (img := _memo.get(data)) is not None:
         return img
     img = decode_image(data)
-    if img is not None and img.nbytes <= MEMO_IMAGE_BYTES:
-        with _memo_lock:
-            if data not in _memo and _memo_bytes + img.nbytes + len(data) <= MEMO_TOTAL_BYTES:
-                img = np.array(img)  # its own buffer (not Pillow's), then frozen
-                img.setflags(write=False)
-                _memo[data] = img
-                _memo_bytes += img.nbytes + len(data)
+    if img is not None and img.nbytes <= MEMO_IMAGE_BYTES and data not in _memo:
+        img = np.array(img)  # its own buffer (not Pillow's), then frozen
+        img.setflags(write=False)
+        _memo.put(data, img, img.nbytes + len(data))
     return img
 
 

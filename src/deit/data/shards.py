@@ -22,7 +22,6 @@ import os
 import re
 import stat
 import tarfile
-import threading
 from collections.abc import Iterable, Iterator
 from glob import glob
 from typing import Any, NamedTuple
@@ -31,6 +30,8 @@ import braceexpand
 import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from deit.data.kept import Kept
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,7 @@ def warn_once(kind: str, url: str, msg: str, *args: Any) -> None:
 CACHE_SHARD_BYTES = 8 << 20
 CACHE_TOTAL_BYTES = 256 << 20
 _Stamp = tuple[int, int]  # (mtime_ns, size)
-_shard_cache: dict[str, tuple[_Stamp, tuple[dict[str, Any], ...]]] = {}
-_shard_cache_lock = threading.Lock()
+_shard_cache = Kept(CACHE_TOTAL_BYTES)  # absolute path -> (stamp, samples), counted as the shard's size
 
 
 def _cache_stamp(url: str) -> tuple[str, _Stamp] | None:
@@ -205,13 +205,6 @@ def _cache_stamp(url: str) -> tuple[str, _Stamp] | None:
     except OSError:
         return None  # opening it reports the fault
     return (os.path.abspath(url), (st.st_mtime_ns, st.st_size)) if st.st_size <= CACHE_SHARD_BYTES else None
-
-
-def _cache_shard(path: str, stamp: _Stamp, samples: list[dict[str, Any]]) -> None:
-    with _shard_cache_lock:
-        _shard_cache.pop(path, None)  # a rewritten shard's old samples go
-        if sum(st[1] for st, _ in _shard_cache.values()) + stamp[1] <= CACHE_TOTAL_BYTES:
-            _shard_cache[path] = (stamp, tuple(samples))
 
 
 def iter_shard(url: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
@@ -253,7 +246,7 @@ def iter_shard(url: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
     finally:
         members.close()
     if key is not None and not faults and _cache_stamp(url) == key:  # unchanged while it was read
-        _cache_shard(key[0], key[1], read)
+        _shard_cache.put(key[0], (key[1], tuple(read)), key[1][1])  # a rewritten shard's old samples go
     if faults and not quiet:
         warn_once("read", url, "shard %s ends early (%s): using the %d sample(s) read before; the rest of "
                   "it is not read (warned once per shard)", url, faults[0], n)
