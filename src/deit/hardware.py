@@ -5,6 +5,7 @@ on NVIDIA GPUs as TF32 at half the bf16 rate). CPUs and unknown devices: a large
 measured on the spot, so MFU reads "fraction of what this machine's matmul can do".
 """
 
+import re
 import time
 
 import jax
@@ -55,6 +56,15 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     # CPU: fake devices share the host's cores, so one matmul (on all cores) is the host's peak.
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     return matmul_peak(dtype=jdtype, device=device) * jax.process_count(), f"measured:{device.platform}-matmul-{dtype}"
+
+
+def bf16_dots_upcast() -> bool:
+    """Whether the default backend's compiler turns a bf16 matmul into an f32 one (converts
+    around an f32 dot). XLA:CPU in jaxlib 0.10.2 does, with every oneDNN / XNNPACK flag: no AMX
+    or AVX512-BF16 dots, so bf16 only adds the converts."""
+    x = jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)
+    hlo = jax.jit(lambda a, b: a @ b).lower(x, x).compile().as_text()
+    return re.search(r"= f32\[64,64\]\S* dot\(", hlo) is not None
 
 
 def cpu_model() -> str:

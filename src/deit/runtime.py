@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from deit import fileio, finetune
+from deit import fileio, finetune, hardware
 from deit.data import loader
 from deit.interop import read_weights
 from deit.config import Config
@@ -130,6 +130,15 @@ TIMEOUT_S = 600  # --host-timeout, set by init_distributed
 
 class HostTimeout(RuntimeError):
     """Another process did not arrive in time."""
+
+
+def note_compute_dtype(cfg: Config) -> None:
+    """A note on stderr when `compute_dtype='bfloat16'` meets a backend that computes bf16
+    matmuls in f32 (CPU): the run works, but is slower than in float32."""
+    if cfg.optim.compute_dtype == "bfloat16" and jax.default_backend() == "cpu" and jax.process_index() == 0 \
+            and hardware.bf16_dots_upcast():
+        print("note: compute_dtype='bfloat16' on CPU: XLA:CPU computes bf16 matmuls in f32, so this run is "
+              "slower than with --compute-dtype float32 (README: Training throughput)", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

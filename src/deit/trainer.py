@@ -231,6 +231,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> dict[str, float]:
     runtime.check_output_dir(out)
     runtime.check_data(cfg)
     runtime.init_distributed(cfg)
+    runtime.note_compute_dtype(cfg)
     mesh = sharding.make_mesh(cfg.fsdp)
     check_batches(cfg, mesh.size)
     writer = checkpoint.Writer(out, sync=not cfg.async_checkpoint, before_commit=hooks.before_commit)
