@@ -45,7 +45,10 @@ Subcommands:
             alone: ms per op, forward and forward + backward, ours and timm's, interleaved rounds
             (medians); rows [{op, ours_fwd_ms, timm_fwd_ms, fwd_ratio, ours_fwdbwd_ms,
             timm_fwdbwd_ms, fwdbwd_ratio}] with ratio = timm's time / ours (> 1: ours faster),
-            sum_of_parts. Shows where a whole-step gap between the two comes from.
+            sum_of_parts; gemms [{op, m, k, n, ours_gflops, timm_gflops, ratio}]: the block's
+            four weight matmuls as bare dots in the compute dtype (XLA's GEMM vs PyTorch's);
+            bf16_dots_upcast (bf16 only: XLA compiles a bf16 dot as an f32 one). Shows where a
+            whole-step gap between the two comes from.
 
 Add a subcommand: write `cmd_NAME(args) -> dict` and register its options in `SUBCOMMANDS`.
 """

@@ -77,6 +77,13 @@ def test_ops_subcommand_prints_one_json_object(capsys):
             assert r[f"{kind}_ratio"] == pytest.approx(r[f"timm_{kind}_ms"] / r[f"ours_{kind}_ms"], rel=0.01)
     parts = [r for r in result["rows"] if r["op"] not in ("attention_core", "block")]
     assert result["sum_of_parts"]["ours_fwd_ms"] == pytest.approx(sum(r["ours_fwd_ms"] for r in parts), abs=1e-2)
+    # The bare weight matmuls: M = batch x tokens, GFLOP/s from each side's own time.
+    assert [(g["op"], g["m"], g["k"], g["n"]) for g in result["gemms"]] == [
+        ("qkv", 10, 192, 576), ("proj", 10, 192, 192), ("fc1", 10, 192, 768), ("fc2", 10, 768, 192)]
+    for g in result["gemms"]:
+        assert g["ours_gflops"] > 0 and g["timm_gflops"] > 0
+        assert g["ratio"] == pytest.approx(g["ours_gflops"] / g["timm_gflops"], rel=0.01)
+    assert result["bf16_dots_upcast"] is None  # float32 run
 
 
 def test_device_subcommand_prints_one_json_object(capsys):

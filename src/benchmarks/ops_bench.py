@@ -7,6 +7,7 @@ each alone, forward and forward + backward (the vjp: input and parameter gradien
 shapes, interleaved round by round (medians). The attention core is also timed as a whole:
 ours (dots + softmax) against timm's `F.scaled_dot_product_attention`, the kernel timm calls.
 The whole block closes the table; alone-op times do not sum to it (XLA fuses across ops).
+`gemms`: the four weight matmuls again as bare dots, GFLOP/s of the two GEMM libraries.
 """
 
 import math
@@ -156,6 +157,42 @@ def timm(cfg: ModelConfig, batch: int, dtype: str, threads: int) -> dict[str, di
                    "fwdbwd": _timed_loop(fwdbwd(f, xs), lambda _: None)} for name, (f, xs) in ops.items()}
 
 
+def gemms(cfg: ModelConfig, batch: int, dtype: str, threads: int, rounds: int) -> list[dict[str, Any]]:
+    """The block's four weight matmuls as bare dots (no bias, no autocast: both sides get inputs
+    in the compute dtype), GFLOP/s of XLA's and of PyTorch's, interleaved rounds (medians): the
+    GEMM library's share of a gap, apart from everything around the dots."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    d, t = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pooling == "cls")
+    jd, td = (jnp.bfloat16, torch.bfloat16) if dtype == "bfloat16" else (jnp.float32, torch.float32)
+    rng = np.random.default_rng(0)
+    dot = jax.jit(lambda a, b: a @ b)
+    rows, fns = [], {}
+    for op, (k, n) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}.items():
+        a, b = rng.standard_normal((batch * t, k), np.float32), rng.standard_normal((k, n), np.float32)
+        ja, jb = jnp.asarray(a, jd), jnp.asarray(b, jd)
+        ta, tb = torch.from_numpy(a).to(td), torch.from_numpy(b).to(td)
+        fns[op] = (_timed_loop(lambda ja=ja, jb=jb: dot(ja, jb), jax.block_until_ready),
+                   _timed_loop(lambda ta=ta, tb=tb: ta @ tb, lambda _: None))
+        rows.append({"op": op, "m": batch * t, "k": k, "n": n})
+    for ours_fn, timm_fn in fns.values():
+        ours_fn(), timm_fn()
+    times: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in fns}
+    for _ in range(rounds):
+        for op, fn_pair in fns.items():
+            for fn, acc in zip(fn_pair, times[op]):
+                time.sleep(PAUSE_S)
+                acc.append(fn())
+    for row in rows:
+        flops = 2 * row["m"] * row["k"] * row["n"]
+        ours_s, timm_s = (statistics.median(v) for v in times[row["op"]])
+        row |= {"ours_gflops": _sig(flops / ours_s / 1e9), "timm_gflops": _sig(flops / timm_s / 1e9),
+                "ratio": _sig(timm_s / ours_s, 3)}
+    return rows
+
+
 def _sig(x: float, digits: int = 4) -> float:
     """Significant digits, not decimals: a 1 us op rounded to 4 decimals of a ms loses its ratio."""
     return float(f"{x:.{digits}g}")
@@ -187,6 +224,7 @@ def benchmark_ops(cfg: ModelConfig, *, batch: int = 32, dtype: str = "float32", 
     parts = [r for r in rows if r["op"] not in ("attention_core", "block")]
     sums = {k: round(sum(r[k] for r in parts), 3)
             for k in ("ours_fwd_ms", "timm_fwd_ms", "ours_fwdbwd_ms", "timm_fwdbwd_ms")}
+    gemm_rows = gemms(cfg, batch, dtype, threads, rounds)
     import timm as timm_pkg
     import torch
 
@@ -198,4 +236,6 @@ def benchmark_ops(cfg: ModelConfig, *, batch: int = 32, dtype: str = "float32", 
                 torch_version=torch.__version__, timm_version=timm_pkg.__version__,
                 xla_flags=os.environ.get("XLA_FLAGS", ""), rounds=rounds,
                 load_average_start=[round(v, 2) for v in load_start],
-                load_average=[round(v, 2) for v in os.getloadavg()], rows=rows, sum_of_parts=sums)
+                bf16_dots_upcast=hardware.bf16_dots_upcast() if dtype == "bfloat16" else None,
+                load_average=[round(v, 2) for v in os.getloadavg()], rows=rows, sum_of_parts=sums,
+                gemms=gemm_rows)
