@@ -33,7 +33,7 @@ PAUSE_S = 0.1  # idle before each timed call: spinning worker threads of the oth
 
 def _ours_ops(cfg: ModelConfig, batch: int, dtype: Any) -> dict[str, tuple[Callable, tuple, tuple]]:
     """name -> (f(params, *inputs), params, inputs) for our layers; params may be an empty tuple."""
-    d, h, t = cfg.dim, cfg.heads, (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pooling == "cls")
+    d, h, t = cfg.dim, cfg.heads, cfg.grid ** 2 + cfg.num_prefix_tokens
     hd = d // h
     blk = Block(d, h, key=jax.random.key(0))
     k = iter(jax.random.split(jax.random.key(1), 8))
@@ -106,7 +106,7 @@ def timm(cfg: ModelConfig, batch: int, dtype: str, threads: int) -> dict[str, di
     from timm.models.vision_transformer import Block as TimmBlock
 
     torch.set_num_threads(threads)
-    d, h, t = cfg.dim, cfg.heads, (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pooling == "cls")
+    d, h, t = cfg.dim, cfg.heads, cfg.grid ** 2 + cfg.num_prefix_tokens
     hd = d // h
     blk = TimmBlock(d, h, mlp_ratio=4, qkv_bias=True)
     gen = torch.Generator().manual_seed(0)
@@ -165,7 +165,7 @@ def gemms(cfg: ModelConfig, batch: int, dtype: str, threads: int, rounds: int) -
     import torch
 
     torch.set_num_threads(threads)
-    d, t = cfg.dim, (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pooling == "cls")
+    d, t = cfg.dim, cfg.grid ** 2 + cfg.num_prefix_tokens
     jd, td = (jnp.bfloat16, torch.bfloat16) if dtype == "bfloat16" else (jnp.float32, torch.float32)
     rng = np.random.default_rng(0)
     dot = jax.jit(lambda a, b: a @ b)
@@ -230,7 +230,7 @@ def benchmark_ops(cfg: ModelConfig, *, batch: int = 32, dtype: str = "float32", 
 
     return dict(benchmark="ops", model=dict(dim=cfg.dim, heads=cfg.heads, image_size=cfg.image_size,
                                             patch_size=cfg.patch_size, pooling=cfg.pooling),
-                tokens=(cfg.image_size // cfg.patch_size) ** 2 + (cfg.pooling == "cls"), batch=batch, dtype=dtype,
+                tokens=cfg.grid ** 2 + cfg.num_prefix_tokens, batch=batch, dtype=dtype,
                 backend=jax.default_backend(), cpu=hardware.cpu_model(), cpu_features=hardware.cpu_features(),
                 threads=threads, torch_threads=torch.get_num_threads(), jax_version=jax.__version__,
                 torch_version=torch.__version__, timm_version=timm_pkg.__version__,
