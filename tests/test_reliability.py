@@ -235,9 +235,9 @@ def test_five_percent_corrupt_data_trains_and_reports(env, tmp_path):
 @pytest.mark.slow
 def test_soak_three_kills_still_reaches_the_bar(env, tmp_path):
     """The README quickstart's recipe killed (SIGKILL) three times and resumed each time still
-    reaches the tiny-digits bar (>= 96.5% val top-1, 348 of 360: uninterrupted on 2 cores, this
-    seed pair reached 97.8%, seeds 2 and 3 96.7% and 97.2%; sklearn's SVM and 3-NN reach 96.4%
-    and 96.7% on this split)."""
+    reaches the tiny-digits bar (>= 97.0% val top-1, 350 of 360: uninterrupted, seed pairs 1, 2 and 3
+    reached 353 each on 2 cores of a Zen 5 EPYC, and 353 / 353 / 351 on one core; sklearn's SVM
+    and 3-NN reach 96.4% and 96.7% on this split)."""
     out = tmp_path / "digits"
     cmd = [sys.executable, "src/train.py", "recipes:tiny-digits", "--no-progress", "--output-dir", str(out),
            "--checkpoint-interval", "100"]
@@ -256,4 +256,4 @@ def test_soak_three_kills_still_reaches_the_bar(env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     result = json.loads((out / "results.json").read_text())
-    assert result["step"] == 2400 and result["val/acc1"] >= 0.965, result
+    assert result["step"] == 2400 and result["val/acc1"] >= 0.97, result
