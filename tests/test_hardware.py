@@ -18,3 +18,13 @@ def test_spec_table_most_specific_name_wins(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     assert hardware.peak_flops("bfloat16") == (8 * 756e12, "spec:NVIDIA H100 PCIe")
     assert hardware.peak_flops("float32") == (8 * 756e12 / 2, "spec:NVIDIA H100 PCIe")
+
+
+def test_cpu_model_names_family_and_model_from_the_first_processor(tmp_path):
+    """A VM guest may report only the vendor ("AMD EPYC"): the family and model tell Zen 3/4/5 apart."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\n")
+    assert hardware.cpu_model(str(info)) == "AMD EPYC (family 26, model 2)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert hardware.cpu_model(str(info)) == "Some CPU"

@@ -67,15 +67,25 @@ def bf16_dots_upcast() -> bool:
     return re.search(r"= f32\[64,64\]\S* dot\(", hlo) is not None
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo's `model name`; elsewhere platform's guess)."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo's `model name`, with its family and model
+    numbers, since a VM guest may name only the vendor, "AMD EPYC"; elsewhere platform's guess)."""
     import platform
 
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
+            fields = {}
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key:  # the first processor's block ends
+                    break
+                fields.setdefault(key, value.strip())
+        name = fields.get("model name")
+        if name:
+            ids = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+                   if key in fields]
+            return f"{name} ({', '.join(ids)})" if ids else name
     except OSError:
         pass
     return platform.processor() or platform.machine()
