@@ -26,5 +26,8 @@ def test_cpu_model_names_family_and_model_from_the_first_processor(tmp_path):
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
                     "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\n")
     assert hardware.cpu_model(str(info)) == "AMD EPYC (family 26, model 2)"
+    assert hardware.cpu_features(str(info)) == ["avx2"]
     info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
     assert hardware.cpu_model(str(info)) == "Some CPU"
+    assert hardware.cpu_features(str(info)) == []
+    assert hardware.cpu_features(str(tmp_path / "missing")) == []

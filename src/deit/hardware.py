@@ -67,36 +67,38 @@ def bf16_dots_upcast() -> bool:
     return re.search(r"= f32\[64,64\]\S* dot\(", hlo) is not None
 
 
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo's `model name`, with its family and model
-    numbers, since a VM guest may name only the vendor, "AMD EPYC"; elsewhere platform's guess)."""
-    import platform
-
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo as {key: value}; empty where unreadable."""
+    fields: dict[str, str] = {}
     try:
-        with open(cpuinfo) as f:
-            fields = {}
+        with open(path) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
                 if not key:  # the first processor's block ends
                     break
                 fields.setdefault(key, value.strip())
-        name = fields.get("model name")
-        if name:
-            ids = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
-                   if key in fields]
-            return f"{name} ({', '.join(ids)})" if ids else name
     except OSError:
         pass
+    return fields
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo's `model name`, with its family and model
+    numbers, since a VM guest may name only the vendor, "AMD EPYC"; elsewhere platform's guess)."""
+    import platform
+
+    fields = _cpuinfo(cpuinfo)
+    name = fields.get("model name")
+    if name:
+        ids = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+               if key in fields]
+        return f"{name} ({', '.join(ids)})" if ids else name
     return platform.processor() or platform.machine()
 
 
-def cpu_features() -> list[str]:
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """The CPU's matmul-relevant instruction sets (bf16 and wide vectors), from /proc/cpuinfo."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = _cpuinfo(cpuinfo).get("flags", "").split()
     return [w for w in wanted if w in flags]
