@@ -16,8 +16,9 @@ Subcommands:
             model FLOP/s and MFU against a large square matmul timed in the same run. All timed
             calls interleave round by round; figures are medians (see benchmarks.train_bench).
             Fields: benchmark, model (ModelConfig), batch, image_size, dtype, backend, device, cpu,
-            cpu_count, threads, jax_version, xla_flags, load_average_start, load_average (at the
-            end), params, forward_flops_per_image (matmuls, deit.model.forward_flops), rounds,
+            cpu_count, threads, jax_version, xla_flags, host_memory_retained (deit.hostmem's malloc
+            setting, on unless DEIT_HOST_MALLOC=default; timm's step shares it), load_average_start,
+            load_average (at the end), params, forward_flops_per_image (matmuls, deit.model.forward_flops), rounds,
             train_images_per_s (augmentation off: normalise only), train_aug_images_per_s (the
             DeiT recipe's RandAugment + erasing + Mixup/CutMix; field augment_recipe),
             eval_images_per_s (steps.eval_step), train_flops_per_s (3 x forward FLOPs x images/s),
@@ -63,6 +64,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
+from deit import hostmem
 
 
 def _photos(n: int, size: int) -> np.ndarray:
@@ -432,4 +435,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    hostmem.retain_freed_memory()  # before JAX starts its backend: deit/hostmem.py says why
     main()

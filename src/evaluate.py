@@ -12,6 +12,7 @@ from typing import Annotated
 
 import tyro
 
+from deit import hostmem
 from deit.config import cli_or_exit
 
 
@@ -83,4 +84,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    hostmem.retain_freed_memory()  # before JAX starts its backend: deit/hostmem.py says why
     main()

@@ -15,6 +15,7 @@ import typing
 
 import tyro
 
+from deit import hostmem
 from deit import recipes
 from deit.config import Config, cli_or_exit
 from deit.model import count_params, forward_flops
@@ -98,4 +99,5 @@ def main(argv: list[str] | None = None, hooks=None) -> None:
 
 
 if __name__ == "__main__":
+    hostmem.retain_freed_memory()  # before JAX starts its backend: deit/hostmem.py says why
     main()

@@ -45,6 +45,7 @@ def test_train_subcommand_prints_one_json_object(capsys):
     assert result["benchmark"] == "train" and result["batch"] == 4 and result["dtype"] == "float32"
     assert result["model"]["layers"] == 2 and result["model"]["dim"] == 192 and result["image_size"] == 32
     assert len(result["load_average"]) == 3 and result["threads"] >= 1
+    assert result["host_memory_retained"] is False  # deit.hostmem is applied by the script's __main__ only
     for k in ("train_images_per_s", "train_aug_images_per_s", "eval_images_per_s", "timm_train_images_per_s",
               "timm_eval_images_per_s", "train_flops_per_s", "matmul_peak_flops_per_s", "train_mfu", "eval_mfu",
               "peak_host_rss_mib"):
